@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+
+.PHONY: run test lint install dev-install bench clean
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(BIN)/.dev-installed: requirements.txt requirements-dev.txt $(BIN)/.installed
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+dev-install: $(BIN)/.dev-installed
+
+## Start the proxy with gunicorn on SQLite (llm-proxy.db) at http://localhost:$(PORT)
+run: install
+	PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py app:app
+
+## Run the whole test suite (SQLite always; PostgreSQL too when TEST_DATABASE_URL is set)
+test: dev-install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache llm-proxy.db*

@@ -1,0 +1,246 @@
+"""Storage: a small connection pool and every SQL statement, written once for SQLite and PostgreSQL.
+
+SQL here uses `?` placeholders; for PostgreSQL they are rewritten to psycopg2's `%s` once per
+statement. Connections are borrowed per operation (never held across an upstream call), so a few
+pooled connections serve hundreds of concurrent streams.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Iterator
+
+from errors import ServiceUnavailable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POOL_TIMEOUT = 10.0  # seconds to wait for a free connection before answering 503
+NANO = Decimal(1_000_000_000)
+
+try:
+    import psycopg2
+    DB_ERRORS: tuple = (sqlite3.OperationalError, psycopg2.OperationalError, psycopg2.InterfaceError)
+except ImportError:  # pragma: no cover - psycopg2-binary is in requirements.txt
+    psycopg2 = None
+    DB_ERRORS = (sqlite3.OperationalError,)
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _sqlite_path(url: str) -> str:
+    """sqlite:///relative.db, sqlite:////absolute.db, or a bare path."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):] or "llm-proxy.db"
+    if url.startswith("sqlite://"):
+        return url[len("sqlite://"):] or "llm-proxy.db"
+    return url
+
+
+class Tx:
+    """One transaction on one connection: query/execute with `?` placeholders."""
+
+    def __init__(self, conn, is_pg: bool):
+        self.conn, self.is_pg = conn, is_pg
+
+    def execute(self, sql: str, params: tuple | list = ()) -> int:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            return cur.rowcount
+        finally:
+            cur.close()
+
+    def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            names = [d[0] for d in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def query_one(self, sql: str, params: tuple | list = ()) -> dict | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+
+class Database:
+    """A pool of connections to SQLite (default) or PostgreSQL (`postgresql://...`)."""
+
+    def __init__(self, url: str, pool_size: int = 8):
+        self.url = url
+        self.is_pg = url.startswith(("postgres://", "postgresql://"))
+        if self.is_pg and psycopg2 is None:  # pragma: no cover
+            raise RuntimeError("DATABASE_URL is PostgreSQL but psycopg2 is not installed")
+        self.pool_size = pool_size
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self.path = None if self.is_pg else _sqlite_path(url)
+
+    def _connect(self):
+        if self.is_pg:
+            conn = psycopg2.connect(self.url, connect_timeout=5)
+            return conn
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    @contextmanager
+    def transaction(self, immediate: bool = False) -> Iterator[Tx]:
+        """Borrow a connection and run one transaction; commit on success, roll back on error.
+
+        immediate=True takes SQLite's write lock at BEGIN, so read-then-write sequences (rate
+        limits, job claims) serialise; on PostgreSQL use SELECT ... FOR UPDATE in the SQL instead.
+        """
+        if not self._slots.acquire(timeout=POOL_TIMEOUT):
+            raise ServiceUnavailable("the database is busy; try again")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            if not self.is_pg:
+                conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield Tx(conn, self.is_pg)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            self._idle.put(conn)
+            conn = None
+        except DB_ERRORS as exc:
+            raise ServiceUnavailable("the database is unavailable") from exc
+        finally:
+            if conn is not None:  # broken or mid-error: drop it rather than reuse it
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                    pass
+            self._slots.release()
+
+    def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
+        with self.transaction() as tx:
+            return tx.query(sql, params)
+
+    def query_one(self, sql: str, params: tuple | list = ()) -> dict | None:
+        with self.transaction() as tx:
+            return tx.query_one(sql, params)
+
+    def execute(self, sql: str, params: tuple | list = ()) -> int:
+        with self.transaction() as tx:
+            return tx.execute(sql, params)
+
+    def close(self) -> None:
+        """Close idle connections (tests, shutdown)."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def init_schema(self) -> None:
+        """Apply schema.sql (idempotent) and, once per database, the seed price list."""
+        statements = _statements(os.path.join(HERE, "schema.sql"))
+        with self.transaction(immediate=True) as tx:
+            if self.is_pg:  # several workers may start at once; serialise DDL
+                tx.execute("SELECT pg_advisory_xact_lock(727274)")
+            for stmt in statements:
+                tx.execute(stmt)
+            if tx.query_one("SELECT value FROM meta WHERE name = ?", ("seeded",)) is None:
+                for stmt in _statements(os.path.join(HERE, "seed.sql")):
+                    tx.execute(stmt)
+                tx.execute("INSERT INTO meta (name, value) VALUES (?, ?)", ("seeded", str(int(time.time()))))
+
+    def ping(self) -> None:
+        """Raise ServiceUnavailable if the database does not answer."""
+        self.query_one("SELECT 1 AS ok")
+
+    # -- models and providers -------------------------------------------------------------------
+
+    def load_models(self) -> dict[str, dict]:
+        """Every row of the models table by name, JSON columns decoded."""
+        rows = self.query("SELECT name, provider, upstream_model, fallbacks, input_cost_per_1k, "
+                          "output_cost_per_1k, task_types FROM models")
+        for row in rows:
+            row["fallbacks"] = _json_list(row["fallbacks"])
+            row["task_types"] = _json_list(row["task_types"])
+        return {row["name"]: row for row in rows}
+
+    def load_providers(self) -> dict[str, dict]:
+        """Every row of the providers table by name."""
+        rows = self.query("SELECT name, api_base, api_version, enabled FROM providers")
+        return {row["name"]: {**row, "enabled": bool(row["enabled"])} for row in rows}
+
+    # -- virtual keys (lookup only; management lives with the admin API) --------------------------
+
+    def find_live_key(self, key_hash: str) -> dict | None:
+        """The unrevoked virtual key with this SHA-256 hash, or None."""
+        return self.query_one(
+            "SELECT id, name, key_prefix, rpm_limit, tpm_limit, max_budget, models, spend_nusd "
+            "FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+
+    # -- usage ------------------------------------------------------------------------------------
+
+    def record_usage(self, rows: list[dict]) -> None:
+        """Write usage rows and add their cost to each key's spend, in one transaction."""
+        if not rows:
+            return
+        now = time.time()
+        with self.transaction() as tx:
+            for r in rows:
+                tx.execute(
+                    "INSERT INTO usage (request_id, key_id, model, provider, prompt_tokens, completion_tokens, "
+                    "cost_nusd, latency_ms, status, cached, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["request_id"], r.get("key_id"), r["model"], r["provider"], int(r.get("prompt_tokens", 0)),
+                     int(r.get("completion_tokens", 0)), int(r.get("cost_nusd", 0)), float(r.get("latency_ms", 0)),
+                     r.get("status", "ok"), 1 if r.get("cached") else 0, r.get("created_at", now)))
+                if r.get("key_id") and r.get("cost_nusd"):
+                    tx.execute("UPDATE api_keys SET spend_nusd = spend_nusd + ? WHERE id = ?",
+                               (int(r["cost_nusd"]), r["key_id"]))
+
+
+def cost_nusd(prompt_tokens: int, completion_tokens: int, input_per_1k: float, output_per_1k: float) -> int:
+    """Cost in nano-dollars: tokens / 1000 x price per 1k, rounded half up to the nano-dollar."""
+    usd = (Decimal(int(prompt_tokens)) * Decimal(repr(float(input_per_1k)))
+           + Decimal(int(completion_tokens)) * Decimal(repr(float(output_per_1k)))) / 1000
+    return int((usd * NANO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def usd(nusd: int | None) -> str:
+    """Nano-dollars as a plain decimal USD string (no exponent)."""
+    value = (Decimal(int(nusd or 0)) / NANO).normalize()
+    return format(value, "f")
+
+
+def _json_list(value: Any) -> list:
+    if isinstance(value, list):
+        return value
+    try:
+        parsed = json.loads(value or "[]")
+    except ValueError:
+        return []
+    return parsed if isinstance(parsed, list) else []
+
+
+def _statements(path: str) -> list[str]:
+    """Split an SQL file on semicolons at line ends, dropping comments."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.split("--", 1)[0].rstrip() for line in f]
+    text = "\n".join(lines)
+    return [s.strip().rstrip(";").strip() for s in text.split(";\n") if s.strip().strip(";").strip()]
