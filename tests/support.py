@@ -182,23 +182,29 @@ class FakeOpenAI:
                 self.wfile.write(data)
 
             def _send_stream(self, reply: Reply):
+                # Like OpenAI: HTTP/1.1 keep-alive with chunked transfer encoding.
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.close_connection = True
+
+                def send(data: bytes) -> None:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+
                 try:
                     for i, chunk in enumerate(reply.stream):
                         if reply.drop_after is not None and i >= reply.drop_after:
-                            return  # connection drops mid-stream
-                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                        self.wfile.flush()
+                            self.close_connection = True  # the connection drops mid-stream
+                            return
+                        send(f"data: {json.dumps(chunk)}\n\n".encode())
                         if reply.chunk_delay:
                             time.sleep(reply.chunk_delay)
                     if reply.done:
-                        self.wfile.write(b"data: [DONE]\n\n")
-                        self.wfile.flush()
+                        send(b"data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
                     with fake.lock:
                         fake.disconnects += 1
 
