@@ -16,6 +16,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count
 worker_class = "gthread"
 # Each in-flight request or stream holds a thread; most are parked in a socket read.
 threads = int(os.environ.get("GUNICORN_THREADS", "512"))
+# Open connections per worker (streams plus idle keep-alive ones); gunicorn's default of 1000
+# would stall new connections well before the threads run out.
+worker_connections = max(1000, threads * 2)
 # Heartbeat timeout for a stuck worker (gthread's main loop keeps beating during long streams).
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
