@@ -1,0 +1,505 @@
+"""`make bench`: the fake upstream, the bare forwarder and llm-proxy (SQLite, PostgreSQL) side by side.
+
+Everything listens on 127.0.0.1 and every load run is bounded in time. The forwarder and the proxy
+are pinned to core 0, the fake upstream and the load generators (wrk, bench/stream_client.py, this
+script) to core 1, so the figures are per core. Run from the repo root:
+
+    .venv/bin/python bench/run.py [--duration 5] [--streams 500] [--skip-pg]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import profile_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BIN = Path(sys.executable).parent  # gunicorn and flask live next to the python running this
+CONCURRENCIES = (1, 16, 64)
+MODEL = "gpt-4o-mini"
+CHAT_PATH = "/v1/chat/completions"
+# Limits high enough never to trigger, so the limit checks run on every request but never refuse.
+KEY_RPM, KEY_TPM, KEY_BUDGET = 10_000_000, 1_000_000_000, 1_000_000
+ADMIN_KEY = "sk-bench-admin-0123456789abcdef0123456789abcdef"
+STATIC_KEY = "sk-bench-static-0123456789abcdef0123456789abcdef"
+KEY_PATTERN = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+# Used for both stacks when the repo has no gunicorn.conf.py yet.
+FALLBACK_GUNICORN = ["--worker-class", "gthread", "--threads", "32"]
+PROXY_CORE, LOAD_CORE = 0, 1
+PINNING = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=5, help="seconds of wrk per cell")
+    parser.add_argument("--streams", type=int, default=500, help="concurrent streams in the big stream run")
+    parser.add_argument("--single-streams", type=int, default=10, help="sequential streams for TTFT at 1")
+    parser.add_argument("--chunks", type=int, default=20, help="fake upstream: chunks per stream")
+    parser.add_argument("--interval-ms", type=float, default=50, help="fake upstream: ms between chunks")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers for forwarder and proxy")
+    parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL",
+                                                           "postgresql://postgres@127.0.0.1:5432/bench"))
+    parser.add_argument("--skip-pg", action="store_true", help="do not run the proxy on PostgreSQL")
+    parser.add_argument("--skip-proxy", action="store_true", help="measure only upstream and forwarder")
+    parser.add_argument("--soak", action="store_true",
+                        help="also check worker RSS at 10,000 and 100,000 requests (adds ~3-6 min per database)")
+    parser.add_argument("--json-out", help="also write every figure to this JSON file")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy"),
+                        help="py-spy binary: profile forwarder and proxy workers in an extra c16 run "
+                             "(default: py-spy on PATH, if any)")
+    return parser.parse_args(argv)
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinned(cmd: list[str], core: int) -> list[str]:
+    """The command run under `taskset -c core` (unpinned on a one-core machine)."""
+    return ["taskset", "-c", str(core), *cmd] if PINNING else cmd
+
+
+class Processes:
+    """The servers this script started, each in its own session so it can be stopped by its id."""
+
+    def __init__(self, workdir: Path):
+        """Remember where logs go."""
+        self.workdir = workdir
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict, core: int) -> subprocess.Popen:
+        """Start a pinned server with its output in workdir/name.log."""
+        with open(self.workdir / f"{name}.log", "wb") as out:
+            proc = subprocess.Popen(pinned(cmd, core), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the server's process group, SIGKILL it after 10 s."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        """Stop whatever is still running."""
+        for proc in list(self.running):
+            self.stop(proc)
+
+
+def request(method: str, url: str, body: dict | None = None, key: str = "", timeout: float = 10):
+    """One HTTP request: (status, headers as a lower-case dict, body bytes)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     json.dumps(body) if body is not None else None, headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until the server answers anything at url; fail if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            request("GET", url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"no answer from {url} in {timeout:.0f} s")
+
+
+def gunicorn_cmd(app_spec: str, port: int, workers: int) -> list[str]:
+    """gunicorn with the repo's gunicorn.conf.py (one worker count, bound to loopback)."""
+    conf = ["-c", "gunicorn.conf.py"] if (ROOT / "gunicorn.conf.py").exists() else FALLBACK_GUNICORN
+    return [str(BIN / "gunicorn"), *conf, "--workers", str(workers), "--bind", f"127.0.0.1:{port}", app_spec]
+
+
+def gunicorn_settings(workers: int, env: dict) -> str:
+    """The resolved settings both stacks run with, as one line."""
+    out = subprocess.run([*gunicorn_cmd("bench.bare_forwarder:app", 0, workers), "--print-config"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
+    wanted = ("worker_class", "workers", "threads", "worker_connections", "keepalive", "backlog")
+    found = dict(re.findall(r"^(\w+)\s+= (.*)$", out, re.M))
+    source = "gunicorn.conf.py" if (ROOT / "gunicorn.conf.py").exists() else "bench fallback (no gunicorn.conf.py)"
+    return ", ".join(f"{k}={found.get(k, '?')}" for k in wanted) + f"  [{source}, --workers {workers}]"
+
+
+def wrk(url: str, concurrency: int, duration: int, key: str = "") -> dict:
+    """Run wrk with bench/post.lua; requests/s and latency in ms, errors counted."""
+    env = {**os.environ, "BENCH_KEY": key, "BENCH_MODEL": MODEL}
+    cmd = pinned(["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s", "--latency",
+                  "-s", str(BENCH / "post.lua"), url], LOAD_CORE)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 30).stdout
+    found = re.search(r"^BENCH_JSON (.*)$", out, re.M)
+    if not found:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    raw = json.loads(found.group(1))
+    errors = sum(raw[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return {"concurrency": concurrency, "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+            "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000, "errors": errors,
+            "requests": raw["requests"], "raw": raw}
+
+
+def streams(url: str, concurrency: int, total: int, key: str = "") -> dict:
+    """Run bench/stream_client.py and return its JSON summary."""
+    cmd = pinned([sys.executable, str(BENCH / "stream_client.py"), "--url", url, "-c", str(concurrency),
+                  "-n", str(total), "--key", key, "--model", MODEL, "--timeout", "90", "--json"], LOAD_CORE)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"stream_client failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def children(master_pid: int) -> list[int]:
+    """Process ids whose parent is the gunicorn master (its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(found)
+
+
+def worker_peak_rss(master_pid: int) -> list[float]:
+    """VmHWM in MiB of each worker of the gunicorn master."""
+    peaks = []
+    for pid in children(master_pid):
+        try:
+            found = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+        except OSError:
+            continue
+        if found:
+            peaks.append(round(int(found.group(1)) / 1024, 1))
+    return peaks
+
+
+def worker_rss(master_pid: int) -> float:
+    """Current VmRSS in MiB of the gunicorn master's first worker."""
+    status = Path(f"/proc/{children(master_pid)[0]}/status").read_text()
+    return round(int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024, 1)
+
+
+def soak(name: str, url: str, master_pid: int, key: str, limit_s: int = 600) -> dict:
+    """wrk -c16 in 10 s slices; worker RSS once 10,000 and once 100,000 soak requests are served."""
+    served, rss, started = 0, {}, time.monotonic()
+    for mark in (10_000, 100_000):
+        while served < mark and time.monotonic() - started < limit_s:
+            served += wrk(url, 16, 10, key)["requests"]
+        rss[mark] = worker_rss(master_pid)
+        log(f"{name}: soak {served:,} requests, worker RSS {rss[mark]} MiB")
+    growth = (rss[100_000] - rss[10_000]) / rss[10_000] * 100
+    return {"served": served, "rss_10k_mib": rss[10_000], "rss_100k_mib": rss[100_000],
+            "growth_pct": round(growth, 1), "seconds": round(time.monotonic() - started)}
+
+
+def profile(name: str, url: str, master_pid: int, args, key: str, workdir: Path) -> str:
+    """Record the first worker with py-spy (GIL-holding samples) during an extra wrk -c16 run; summarise."""
+    out = workdir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.folded"
+    spy = pinned([args.py_spy, "record", "--gil", "--nonblocking", "-r", "200", "-f", "raw", "-d",
+                  str(max(1, args.duration - 1)), "-o", str(out), "-p", str(children(master_pid)[0])], LOAD_CORE)
+    log(f"{name}: py-spy during an extra wrk -c16 -d{args.duration}s")
+    recorder = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk(url, 16, args.duration, key)
+    try:
+        recorder.wait(30)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+    if not out.exists():
+        return f"{name}: py-spy wrote nothing (ptrace not permitted?)"
+    return f"### {name} (wrk -c16; {out})\n" + profile_summary.report(str(out), 20)
+
+
+def measure(name: str, base: str, args, key: str = "", master_pid: int | None = None) -> dict:
+    """Every figure for one target: wrk at each concurrency, TTFT at 1 and at many, worker RSS."""
+    url = base + CHAT_PATH
+    log(f"{name}: warm-up")
+    wrk(url, 16, 1, key)
+    result = {"name": name, "wrk": []}
+    for concurrency in CONCURRENCIES:
+        log(f"{name}: wrk -c{concurrency} -d{args.duration}s")
+        result["wrk"].append(wrk(url, concurrency, args.duration, key))
+    log(f"{name}: {args.single_streams} streams one at a time")
+    result["stream1"] = streams(url, 1, args.single_streams, key)
+    log(f"{name}: {args.streams} concurrent streams")
+    result["streamN"] = streams(url, args.streams, args.streams, key)
+    if master_pid:
+        result["rss_mib"] = worker_peak_rss(master_pid)
+        if args.py_spy:
+            result["profile"] = profile(name, url, master_pid, args, key, args.workdir)
+    return result
+
+
+def overhead_sample(base: str, key: str, count: int = 200) -> dict:
+    """Sequential requests reading x-llm-overhead-ms; p50/p99 of the header and of the client's time."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    overheads, totals, statuses = [], [], {}
+    for _ in range(count):
+        start = time.perf_counter()
+        conn.request("POST", CHAT_PATH, body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        totals.append((time.perf_counter() - start) * 1000)
+        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+        if resp.getheader("x-llm-overhead-ms") is not None:
+            overheads.append(float(resp.getheader("x-llm-overhead-ms")))
+    conn.close()
+
+    def pct(values, p):
+        """Nearest-rank percentile of a list, or None."""
+        return round(sorted(values)[max(0, int(len(values) * p / 100 + 0.999) - 1)], 2) if values else None
+
+    return {"statuses": statuses, "overhead_p50_ms": pct(overheads, 50), "overhead_p99_ms": pct(overheads, 99),
+            "client_p50_ms": pct(totals, 50), "client_p99_ms": pct(totals, 99)}
+
+
+def create_key(env: dict, base: str) -> tuple[str, str]:
+    """A virtual key with rpm/tpm/budget: the CLI, else POST /api/keys, else the static API_KEY."""
+    cli = [str(BIN / "flask"), "--app", "app", "create-key", "--name", f"bench-{int(time.time())}",
+           "--rpm", str(KEY_RPM), "--tpm", str(KEY_TPM), "--budget", str(KEY_BUDGET)]
+    try:
+        out = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        found = KEY_PATTERN.search(out.stdout)
+        if out.returncode == 0 and found:
+            return found.group(0), "virtual key from `flask --app app create-key`"
+        log(f"create-key CLI unavailable (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-200:]}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"create-key CLI failed: {exc}")
+    try:
+        status, _, raw = request("POST", base + "/api/keys", {"name": "bench", "rpm_limit": KEY_RPM,
+                                                              "tpm_limit": KEY_TPM, "max_budget": KEY_BUDGET},
+                                 key=ADMIN_KEY)
+        if status in (200, 201):
+            return json.loads(raw)["key"], "virtual key from POST /api/keys"
+        log(f"POST /api/keys answered {status}: {raw[:200]!r}")
+    except (OSError, ValueError, KeyError) as exc:
+        log(f"POST /api/keys failed: {exc}")
+    return STATIC_KEY, "FALLBACK: static API_KEY (no virtual key: no rpm/tpm limits, no per-key cost)"
+
+
+def ensure_pg_database(url: str) -> str | None:
+    """Create the scratch database if missing; None when ready, else why PostgreSQL is skipped."""
+    try:
+        import psycopg2
+    except ImportError:
+        return "psycopg2 is not installed"
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or ""):
+        return f"database name {name!r} is not a plain identifier"
+    try:
+        conn = psycopg2.connect(urlunsplit(parts._replace(path="/postgres")), connect_timeout=5)
+    except psycopg2.Error as exc:
+        return f"PostgreSQL unreachable ({str(exc).strip().splitlines()[0]})"
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return None
+
+
+def run_proxy(label: str, database_url: str, upstream: str, args, procs: Processes) -> dict:
+    """Start llm-proxy on one database, get a key, check one answer, measure, stop."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream,
+           "OPENAI_API_KEY": "sk-bench", "ADMIN_API_KEY": ADMIN_KEY, "API_KEY": STATIC_KEY,
+           "CACHE_ENABLED": "false"}
+    proc = procs.start(f"proxy-{label}", gunicorn_cmd("app:app", port, args.workers), env, PROXY_CORE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/health", proc)
+        key, how = create_key(env, base)
+        status, headers, raw = request("POST", base + CHAT_PATH, {"model": MODEL, "messages": [
+            {"role": "user", "content": "hi"}]}, key=key)
+        if status != 200:
+            raise RuntimeError(f"proxy answered {status} to a plain request: {raw[:300]!r}")
+        result = measure(f"llm-proxy ({label})", base, args, key, proc.pid)
+        result["key"] = how
+        result["provider"] = headers.get("x-llm-provider")
+        log(f"llm-proxy ({label}): 200 sequential requests for x-llm-overhead-ms")
+        result["overhead"] = overhead_sample(base, key)
+        if args.soak:
+            result["soak"] = soak(result["name"], base + CHAT_PATH, proc.pid, key)
+        status, _, raw = request("GET", base + "/api/me", key=key)
+        result["me"] = raw.decode(errors="replace")[:400] if status == 200 else f"GET /api/me: {status}"
+        return result
+    finally:
+        procs.stop(proc)
+
+
+def cell(value, digits: int = 1) -> str:
+    """A table cell: a rounded number, or '-'."""
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def report(results: list[dict], meta: dict) -> str:
+    """The markdown tables and notes."""
+    direct = {w["concurrency"]: w for w in results[0]["wrk"]}
+    lines = [f"# llm-proxy benchmark, {meta['when']}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "when"]
+    lines += ["", "## Non-streaming (wrk; added = minus direct upstream at the same concurrency)", "",
+              "| target | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        for w in res["wrk"]:
+            base = direct[w["concurrency"]]
+            added = res is not results[0]
+            lines.append(f"| {res['name']} | {w['concurrency']} | {cell(w['rps'], 0)} | {cell(w['p50_ms'], 2)} "
+                         f"| {cell(w['p99_ms'], 2)} | {cell(w['p50_ms'] - base['p50_ms'], 2) if added else '-'} "
+                         f"| {cell(w['p99_ms'] - base['p99_ms'], 2) if added else '-'} | {w['errors']} |")
+    lines += ["", "## Streams (time to first chunk, ms; N concurrent streams)", "",
+              "| target | TTFT p50 @1 | TTFT p99 @1 | TTFT p50 @N | TTFT p99 @N | added p99 @N | total p50 @N "
+              "| failures @N | failures @1 | peak RSS/worker MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    floor = results[0]["streamN"]["ttft_p99_ms"]
+    for res in results:
+        one, many = res["stream1"], res["streamN"]
+        added = many["ttft_p99_ms"] - floor if res is not results[0] and None not in (many["ttft_p99_ms"], floor) \
+            else None
+        fails = f"{many['failures']} {many['errors'] or ''}".strip()
+        lines.append(f"| {res['name']} | {cell(one['ttft_p50_ms'])} | {cell(one['ttft_p99_ms'])} "
+                     f"| {cell(many['ttft_p50_ms'])} | {cell(many['ttft_p99_ms'])} | {cell(added)} "
+                     f"| {cell(many['total_p50_ms'])} | {fails} | {one['failures']} "
+                     f"| {', '.join(map(str, res.get('rss_mib', []))) or '-'} |")
+    lines += ["", f"N = {meta['streams'].split()[0]} concurrent streams; times in ms.", ""]
+    bare = next((r for r in results if r["name"] == "bare forwarder"), None)
+    for res in results:
+        if not res["name"].startswith("llm-proxy"):
+            continue
+        ratio = res["wrk"][-1]["rps"] / bare["wrk"][-1]["rps"] * 100 if bare else None
+        over, soaked = res.get("overhead", {}), res.get("soak")
+        if soaked:
+            lines.append(f"- {res['name']}: soak of {soaked['served']:,} requests in {soaked['seconds']} s: worker RSS "
+                         f"{soaked['rss_10k_mib']} MiB at 10k, {soaked['rss_100k_mib']} MiB at 100k "
+                         f"({soaked['growth_pct']:+.1f}%)")
+        lines.append(f"- {res['name']}: {res['key']}; provider {res.get('provider')}; "
+                     f"c64 req/s = {cell(ratio, 0)}% of the bare forwarder; "
+                     f"x-llm-overhead-ms p50 {cell(over.get('overhead_p50_ms'), 2)} / p99 "
+                     f"{cell(over.get('overhead_p99_ms'), 2)} (client p50 {cell(over.get('client_p50_ms'), 2)} ms, "
+                     f"statuses {over.get('statuses')}); /api/me: {res.get('me')}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Start everything, measure every target, print the report."""
+    args = parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))  # 500 streams need fds
+    if PINNING:
+        os.sched_setaffinity(0, {LOAD_CORE})
+    else:
+        log("fewer than 2 cores or no taskset: running unpinned")
+    workdir = args.workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
+    procs = Processes(workdir)
+    results, notes = [], []
+    started = time.monotonic()
+    try:
+        up_port = free_port()
+        upstream_proc = procs.start("upstream", [sys.executable, str(BENCH / "fake_upstream.py"), "--port",
+                                                 str(up_port), "--chunks", str(args.chunks), "--interval-ms",
+                                                 str(args.interval_ms)], dict(os.environ), LOAD_CORE)
+        up_base = f"http://127.0.0.1:{up_port}"
+        wait_http(up_base + "/health", upstream_proc)
+        upstream = up_base + "/v1"
+        results.append(measure("direct upstream", up_base, args))
+
+        fwd_env = {**os.environ, "OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "sk-bench"}
+        settings = gunicorn_settings(args.workers, fwd_env)
+        fwd_port = free_port()
+        fwd = procs.start("forwarder", gunicorn_cmd("bench.bare_forwarder:app", fwd_port, args.workers),
+                          fwd_env, PROXY_CORE)
+        wait_http(f"http://127.0.0.1:{fwd_port}/", fwd)
+        results.append(measure("bare forwarder", f"http://127.0.0.1:{fwd_port}", args, "", fwd.pid))
+        procs.stop(fwd)
+
+        databases = [("SQLite", f"sqlite:///{workdir / 'bench.db'}")]
+        if not args.skip_pg:
+            why = ensure_pg_database(args.pg_url)
+            databases += [("PostgreSQL", args.pg_url)] if why is None else []
+            notes += [f"PostgreSQL skipped: {why}"] if why else []
+        if args.skip_proxy:
+            notes.append("llm-proxy skipped (--skip-proxy)")
+        elif not (ROOT / "app.py").exists():
+            notes.append("llm-proxy skipped: no app.py in the repo yet")
+        else:
+            for label, url in databases:
+                try:
+                    results.append(run_proxy(label, url, upstream, args, procs))
+                except RuntimeError as exc:
+                    notes.append(f"llm-proxy ({label}) failed: {exc} (log: {workdir}/proxy-{label}.log)")
+    finally:
+        procs.stop_all()
+    meta = {
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} cores; " + ("forwarder/proxy on core 0, upstream + load on core 1"
+                                                   if PINNING else "unpinned"),
+        "gunicorn (forwarder and proxy)": settings,
+        "wrk": f"-t1, {args.duration} s per cell, 1 s warm-up at c16, POST of a small chat completion",
+        "streams": f"{args.streams} at once, and {args.single_streams} one at a time; upstream "
+                   f"{args.chunks} chunks x {args.interval_ms:g} ms, include_usage",
+        "model": f"{MODEL} (openai provider -> fake upstream)",
+        "logs": str(workdir),
+    }
+    text = report(results, meta)
+    profiles = [r["profile"] for r in results if r.get("profile")]
+    if profiles:
+        text += "\n\n## Profiles (py-spy --gil: where the worker holds the GIL)\n\n" + "\n\n".join(profiles)
+    if notes:
+        text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
+    text += f"\n\nTotal run time: {time.monotonic() - started:.0f} s"
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"meta": meta, "results": results, "notes": notes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
