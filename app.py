@@ -14,11 +14,15 @@ from dotenv import load_dotenv
 from flask import Flask, Response, current_app, g, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
+import cache
+import limits
+import refine
 from auth import Caller, authenticate, authenticate_admin
 from config import Config, ConfigError, load_config
 from db import Database, usd
 from errors import APIError, InvalidJSON, InvalidRequest, ServiceUnavailable
 from gateway import Gateway
+from jobs import JobQueue, wants_async
 from providers import PROVIDERS, list_provider_models
 from validate import validate_chat
 
@@ -115,24 +119,37 @@ def chat_completions():
     caller = client()
     body = json_body()
     validate_chat(body)
+    num_calls = refine.num_calls(request.headers, state().config)
     g.log["model"] = body["model"]
     gw = state().gateway
     targets = gw.plan(body["model"], body.get("fallbacks"), caller, request.headers.get("x-llm-apikey"))
+    g.rate_headers = limits.admit(state().db, caller, body, g.request_id)  # 402/429; headers added by keys.py
+    if wants_async(request.headers, body):  # SPEC 7: queue it, answer 202 at once
+        queued = current_app.extensions["jobs"].submit(g.request_id, caller, body, num_calls,
+                                                       request.headers.get("x-llm-apikey"))
+        return json_response(queued, 202, {"Location": f"{request.path}/{queued['request_id']}"})
+    cached = cache.lookup(gw, request.headers, body, num_calls, g.request_id, caller)
+    g.log["cached"] = bool(cached.hit)
     if body.get("stream"):
-        return stream_chat(targets, body, caller)
-    result = gw.complete(targets, body, g.request_id, caller)
+        return stream_chat(targets, body, caller, num_calls, cached)
+    result = cached.hit or refine.complete(gw, targets, body, num_calls, g.request_id, caller)
+    cached.store(result)
     g.log["tokens"] = result.completion["usage"].get("total_tokens")
-    return json_response(result.completion, headers=call_headers(
-        result.route, result.attempts, result.cost_nusd, result.upstream_seconds))
+    return json_response(result.completion, headers={**call_headers(
+        result.route, result.attempts, result.cost_nusd, result.upstream_seconds), **cached.headers})
 
 
-def stream_chat(targets, body: dict, caller: Caller) -> Response:
-    """Open the upstream stream (failing over before the first chunk) and relay it as SSE."""
-    stream_state, chunks = state().gateway.open_stream(targets, body, g.request_id, caller)
+def stream_chat(targets, body: dict, caller: Caller, num_calls: int = 1, cached: cache.Lookup = cache.OFF) -> Response:
+    """Open the upstream stream (failing over before the first chunk) and relay it as SSE.
+
+    With refinement only the last call streams; a cache hit is replayed, a miss stored once it ends.
+    """
+    stream_state, chunks = cached.replay() if cached.hit else cached.capture(
+        *refine.open_stream(state().gateway, targets, body, num_calls, g.request_id, caller))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     headers = call_headers(stream_state.route, stream_state.attempts, 0, stream_state.upstream_seconds)
     del headers["x-llm-cost"]  # not known until the stream ends; it is in the usage row and the log
-    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **cached.headers})
     entry = g.log
 
     def events():
@@ -163,6 +180,11 @@ def sse_events(chunks, include_usage: bool):
         yield b"data: " + dumps(exc.to_dict()) + b"\n\n"
         return
     yield b"data: [DONE]\n\n"
+
+
+def job_status(request_id: str):
+    """GET /v1/chat/completions/<request_id>: an async request's status, for the key that submitted it."""
+    return json_response(current_app.extensions["jobs"].status(request_id, client()))
 
 
 def list_models():
@@ -333,6 +355,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     db = Database(config.database_url)
     db.init_schema()
     app.extensions["llm_proxy"] = State(config, db, Gateway(config, db))
+    app.extensions["jobs"] = JobQueue(config, db, app.extensions["llm_proxy"].gateway)
+    if config.start_workers:  # each gunicorn worker builds its own app (no preload): a pool per process
+        app.extensions["jobs"].start()
 
     app.before_request(begin_request)
     app.before_request(cors_preflight)
@@ -343,8 +368,13 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     for prefix in ("/v1", ""):
         app.add_url_rule(f"{prefix}/chat/completions", f"chat{prefix}", chat_completions, methods=["POST"])
+        app.add_url_rule(f"{prefix}/chat/completions/<request_id>", f"job{prefix}", job_status, methods=["GET"])
         app.add_url_rule(f"{prefix}/models", f"models{prefix}", list_models, methods=["GET"])
     app.add_url_rule("/health", "health", health, methods=["GET"])
+    from seeds import bp as seeds_bp  # seeds.py builds on this module's helpers, so it is imported late
+    app.register_blueprint(seeds_bp)
+    from keys import register as register_keys  # the admin API, also built on this module's helpers
+    register_keys(app)
     app.add_url_rule("/", "index", index, methods=["GET"])
     register_cli(app)
     return app

@@ -249,8 +249,10 @@ def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
         return completion if not stream else _first_and_rest(chunks_from_completion(completion))
     url, headers, payload = adapter.build_request(body, model, target.endpoint, stream)
     try:
+        # Redirects are never followed: a provider API does not redirect POSTs, and following one
+        # could lead /execute past its private-address check.
         resp = SESSION.post(url, json=payload, headers=headers, stream=stream,
-                            timeout=(CONNECT_TIMEOUT, read_timeout))
+                            timeout=(CONNECT_TIMEOUT, read_timeout), allow_redirects=False)
     except requests.RequestException as exc:
         raise _translate_exception(adapter, exc) from None
     if not 200 <= resp.status_code < 300:

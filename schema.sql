@@ -67,10 +67,14 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, created_at);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (created_at);
+CREATE INDEX IF NOT EXISTS usage_request ON usage (request_id);
 
 -- Sliding-minute rate-limit events, shared by every worker and instance.
+-- tokens holds the request's prompt estimate; it stops counting once the request has a usage row
+-- (matched by request_id), whose real token counts take its place.
 CREATE TABLE IF NOT EXISTS rate_events (
     key_id TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
     created_at DOUBLE PRECISION NOT NULL,
     tokens INTEGER NOT NULL DEFAULT 0
 );
@@ -86,7 +90,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     webhook_url TEXT,
-    webhook_status TEXT,
+    webhook_status TEXT,                           -- NULL (none)|pending|delivered|failed|refused
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_next_at DOUBLE PRECISION,              -- next delivery try (pushed ahead while one is sent)
     worker TEXT,
     lease_until DOUBLE PRECISION,
     created_at DOUBLE PRECISION NOT NULL,

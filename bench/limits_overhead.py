@@ -1,0 +1,115 @@
+"""What rate limits cost on the hot path: database round trips and added latency per request.
+
+Counts the transactions and statements one echo request makes for a virtual key without limits
+and for one with rpm/tpm limits, then times N requests of each through Flask's test client (no
+network, no upstream: what is left is the proxy and its database). Run from the repo root:
+
+    .venv/bin/python bench/limits_overhead.py [--requests 500] [--pg postgresql://postgres@127.0.0.1:5432/test]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import db as dbmod  # noqa: E402
+from app import create_app  # noqa: E402
+
+ADMIN = {"Authorization": "Bearer bench-admin"}
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "Hello there, how are you today?"}]}
+
+
+class Counter:
+    """Counts transactions and statements by wrapping Database.transaction and Tx's methods."""
+
+    def __init__(self):
+        self.transactions = self.statements = 0
+
+    @contextmanager
+    def installed(self):
+        original_tx, original_exec, original_query = dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query
+        counter = self
+
+        @contextmanager
+        def transaction(db, immediate=False):
+            counter.transactions += 1
+            with original_tx(db, immediate) as tx:
+                yield tx
+
+        def execute(tx, sql, params=()):
+            counter.statements += 1
+            return original_exec(tx, sql, params)
+
+        def query(tx, sql, params=()):
+            counter.statements += 1
+            return original_query(tx, sql, params)
+
+        dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query = transaction, execute, query
+        try:
+            yield self
+        finally:
+            dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query = original_tx, original_exec, original_query
+
+
+def measure(url: str, n: int) -> None:
+    app = create_app({"database_url": url, "admin_api_key": "bench-admin", "start_workers": False,
+                      "log_level": "warning"})
+    client = app.test_client()
+    keys = {}
+    for label, limits in (("no limits", {}), ("rpm+tpm limits", {"rpm_limit": 10**6, "tpm_limit": 10**9})):
+        r = client.post("/api/keys", json={"name": label, **limits}, headers=ADMIN)
+        keys[label] = {"Authorization": "Bearer " + r.get_json()["key"]}
+    kind = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
+    print(f"\n{kind}: {n} echo requests each, in-process")
+    base = None
+    for label, headers in keys.items():
+        for _ in range(20):  # warm the pool and the catalog
+            client.post("/v1/chat/completions", json=BODY, headers=headers)
+        with Counter().installed() as c:
+            client.post("/v1/chat/completions", json=BODY, headers=headers)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            assert client.post("/v1/chat/completions", json=BODY, headers=headers).status_code == 200
+            times.append((time.perf_counter() - t) * 1000)
+        median, p95 = statistics.median(times), sorted(times)[int(n * 0.95)]
+        added = "" if base is None else f"  (+{median - base:.3f} ms median)"
+        base = median if base is None else base
+        # On PostgreSQL each transaction also costs a BEGIN and a COMMIT round trip; SQLite is in-process.
+        trips = c.statements + (2 * c.transactions if kind == "PostgreSQL" else 0)
+        print(f"  {label:15s} {c.transactions} transactions, {c.statements} statements, {trips} round trips; "
+              f"median {median:.3f} ms, p95 {p95:.3f} ms{added}")
+    app.extensions["llm_proxy"].db.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--pg", help="a PostgreSQL URL (a scratch schema is created and dropped)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(f"sqlite:///{tmp}/bench.db", args.requests)
+    if args.pg:
+        import psycopg2
+        schema = "bench_" + uuid.uuid4().hex[:8]
+        conn = psycopg2.connect(args.pg)
+        conn.autocommit = True
+        conn.cursor().execute(f"CREATE SCHEMA {schema}")
+        try:
+            sep = "&" if "?" in args.pg else "?"
+            measure(f"{args.pg}{sep}options={quote(f'-csearch_path={schema}')}", args.requests)
+        finally:
+            conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+            conn.close()
+
+
+if __name__ == "__main__":
+    main()
