@@ -250,7 +250,8 @@ def finish_response(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
         response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, x-llm-provider, x-llm-model, " \
-            "x-llm-attempts, x-llm-cost, x-llm-overhead-ms, x-cache, Retry-After"
+            "x-llm-attempts, x-llm-cost, x-llm-overhead-ms, x-cache, Retry-After, x-ratelimit-limit-requests, " \
+            "x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens"
     entry = g.get("log")
     if entry is not None:
         entry["status"] = response.status_code
@@ -356,7 +357,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     db.init_schema()
     app.extensions["llm_proxy"] = State(config, db, Gateway(config, db))
     app.extensions["jobs"] = JobQueue(config, db, app.extensions["llm_proxy"].gateway)
-    if config.start_workers:  # each gunicorn worker builds its own app (no preload): a pool per process
+    # Each gunicorn worker builds its own app (no preload): a pool per process. A one-off
+    # `flask <command>` (init-db, create-key) runs inside click and starts none.
+    if config.start_workers and click.get_current_context(silent=True) is None:
         app.extensions["jobs"].start()
 
     app.before_request(begin_request)

@@ -92,6 +92,8 @@ class Gateway:
 
         Key order (SPEC 4): the per-request key, the virtual key's stored key, the server-wide key.
         """
+        if not self.provider_enabled(provider):  # disabled in the providers table (or Ollama not enabled)
+            return None
         adapter = PROVIDERS[provider]
         key = request_key or self.stored_key(caller, provider) or self.config.provider_keys.get(provider)
         if adapter.needs_key and not key:

@@ -186,6 +186,18 @@ def summarize_usage(db, filters: dict, group_by: str | None) -> tuple[list[dict]
     return out, _usage_numbers(total)
 
 
+def recent_usage(db, limit: int, key_id: str | None = None) -> list[dict]:
+    """The newest usage rows (one per upstream call), newest first."""
+    where, params = ("WHERE key_id = ? ", [key_id]) if key_id else ("", [])
+    rows = db.query("SELECT request_id, key_id, model, provider, prompt_tokens, completion_tokens, cost_nusd, "
+                    f"latency_ms, status, cached, created_at FROM usage {where}ORDER BY created_at DESC LIMIT ?",
+                    (*params, limit))
+    for row in rows:
+        row["cost"] = float(Decimal(int(row["cost_nusd"] or 0)) / NANO)
+        row["cached"] = bool(row["cached"])
+    return rows
+
+
 def _usage_numbers(row: dict) -> dict:
     prompt, completion = int(row["prompt_tokens"] or 0), int(row["completion_tokens"] or 0)
     cost = int(row["cost_nusd"] or 0)
@@ -471,6 +483,17 @@ def usage():
                "until": parse_time("until", request.args.get("until"))}
     data, total = summarize_usage(state().db, filters, group_by)
     return json_response({"object": "usage", "group_by": group_by, "data": data, "total": total})
+
+
+@bp.get("/usage/recent")
+def usage_recent():
+    """GET /api/usage/recent?limit=50&key_id=: the newest calls, for the UI's recent-requests table."""
+    admin()
+    raw = request.args.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise ValidationError([{"path": "limit", "message": "must be an integer from 1 to 500"}])
+    rows = recent_usage(state().db, int(raw), request.args.get("key_id") or None)
+    return json_response({"object": "list", "data": rows})
 
 
 @bp.get("/models")

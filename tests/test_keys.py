@@ -331,6 +331,25 @@ def test_usage_and_me(client):
     assert client.get("/api/me", headers=auth(CLIENT_KEY)).get_json()["kind"] == "static"
 
 
+def test_recent_usage_lists_the_newest_calls(client):
+    _, alice = create_key(client)
+    client.post("/v1/chat/completions", json=chat("first"), headers={**auth(alice), "X-Request-ID": "recent-1"})
+    client.post("/v1/chat/completions", json=chat("second"), headers={**auth(alice), "X-Request-ID": "recent-2"})
+    rows = client.get("/api/usage/recent?limit=1", headers=ADMIN).get_json()["data"]
+    assert [r["request_id"] for r in rows] == ["recent-2"]
+    assert rows[0]["provider"] == "echo" and rows[0]["status"] == "ok" and rows[0]["cached"] is False
+    assert client.get("/api/usage/recent?limit=0", headers=ADMIN).status_code == 400
+    assert client.get("/api/usage/recent", headers=auth(alice)).status_code == 403
+
+
+def test_disabled_provider_is_not_used_even_for_listed_models(client, upstream):
+    client.put("/api/providers/openai", json={"api_base": upstream.url, "enabled": False}, headers=ADMIN)
+    r = client.post("/v1/chat/completions", json=chat(model="gpt-4o-mini"),
+                    headers={**auth(CLIENT_KEY), "x-llm-apikey": "sk-x"})
+    assert r.status_code == 400 and r.get_json()["error"]["type"] == "provider_not_configured"
+    assert upstream.posts == []
+
+
 # -- through real HTTP ------------------------------------------------------------------------------
 
 def test_walkthrough_through_gunicorn(database_url, upstream):
