@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import refine
 from auth import Caller
 from db import usd
 from errors import APIError, AuthenticationError, InvalidRequest, ValidationError
+from urlguard import check_public, host_and_port, public_session
 
 log = logging.getLogger("llm_proxy")
 
@@ -37,6 +37,7 @@ SHUTDOWN_GRACE = 5.0  # seconds a stopping process lets running jobs finish befo
 CLEANUP_INTERVAL = 60.0  # seconds between deletions of jobs past JOB_TTL (lookups check the TTL themselves)
 WEBHOOK_TIMEOUT = (5.0, 10.0)  # connect, read
 WEBHOOK_MAX_BACKOFF = 300.0
+PUBLIC_SESSION = public_session()  # webhooks to client-chosen URLs: public peers only
 DUE = "(status = 'pending' OR (status = 'processing' AND lease_until < ?))"
 WEBHOOK_DUE = "webhook_status = 'pending' AND webhook_next_at <= ?"
 
@@ -67,18 +68,10 @@ def check_webhook_url(url: str) -> None:
 
     Raises OSError when the host does not resolve (now); callers decide whether that is fatal.
     """
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ValidationError([{"path": "webhookUrl", "message": "has an invalid port"}]) from None
-    for *_, sockaddr in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP):
-        ip = ipaddress.ip_address(sockaddr[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is loopback too
-        if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
-                or ip.is_unspecified):
-            raise APIError("webhookUrl points to a private or loopback address; set ALLOW_PRIVATE_URLS "
-                           "to allow it.", status=403, type="endpoint_not_allowed", param="webhookUrl")
+    target = host_and_port(url)
+    if target is None:
+        raise ValidationError([{"path": "webhookUrl", "message": "must be an http(s) URL with a valid port"}])
+    check_public(*target, what="webhookUrl", param="webhookUrl")
 
 
 def timestamp(epoch: float) -> str:
@@ -403,8 +396,9 @@ class JobQueue:
         if self.config.webhook_secret:
             headers["X-Webhook-Signature"] = sign(self.config.webhook_secret, body)
         try:
-            with requests.post(url, data=body, headers=headers, timeout=WEBHOOK_TIMEOUT,
-                               allow_redirects=False) as resp:  # a redirect could lead to a private address
+            session = requests if self.config.allow_private_urls else PUBLIC_SESSION
+            with session.post(url, data=body, headers=headers, timeout=WEBHOOK_TIMEOUT,
+                              allow_redirects=False) as resp:  # a redirect could lead to a private address
                 return "delivered" if 200 <= resp.status_code < 300 else f"http_{resp.status_code}"
         except requests.RequestException as exc:
             return type(exc).__name__

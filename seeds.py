@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -16,6 +14,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, g, request
 
 import cache
+import limits
 import refine
 from adapters import Adapter, Endpoint, OpenAIAdapter
 from app import REQUEST_ID, call_headers, client, dumps, json_body, json_response, state, stream_chat
@@ -30,6 +29,7 @@ from errors import (
     ValidationError,
 )
 from providers import CIRCUITS, PROVIDERS, Circuit, Route, Target, list_provider_models
+from urlguard import EndpointNotAllowed, check_public, host_and_port
 from validate import validate_chat
 
 bp = Blueprint("seeds", __name__)
@@ -49,10 +49,6 @@ MODEL_LIST_TIMEOUT = 5.0  # seconds; /llm/models falls back to the configured li
 TEXT_MIME_TYPES = ("application/json", "application/xml", "application/x-yaml", "application/yaml",
                    "application/javascript", "application/x-sh", "application/sql")
 CHAT_OPTIONS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
-
-
-class EndpointNotAllowed(APIError):
-    status, type = 403, "endpoint_not_allowed"
 
 
 # -- POST /execute ----------------------------------------------------------------------------------
@@ -85,36 +81,20 @@ def header(name: str) -> str:
     return value
 
 
-def public_addresses_only(host: str, port: int) -> None:
-    """Resolve the host and refuse it when any address is loopback, private, link-local or otherwise not public."""
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        raise UpstreamError("The x-llm-endpoint host name could not be resolved.") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if not ip.is_global or ip.is_multicast:
-            raise EndpointNotAllowed("The x-llm-endpoint resolves to a private or loopback address.",
-                                     param="x-llm-endpoint")
-
-
 def check_endpoint(url: str, config) -> str:
     """Check an /execute URL against EXECUTE_ALLOWED_HOSTS and ALLOW_PRIVATE_URLS; returns its host."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+    target = host_and_port(url)
+    if target is None:
         raise InvalidRequest("x-llm-endpoint must be an absolute http(s) URL.", param="x-llm-endpoint")
-    host = parts.hostname.lower()
+    host, port = target
     allowed = {h.lower() for h in config.execute_allowed_hosts}
     if "*" not in allowed and host not in allowed:
         raise EndpointNotAllowed(f"The host '{host}' is not in EXECUTE_ALLOWED_HOSTS.", param="x-llm-endpoint")
     if not config.allow_private_urls:
-        public_addresses_only(host, port)
+        try:
+            check_public(host, port, what="x-llm-endpoint", param="x-llm-endpoint")
+        except OSError:
+            raise UpstreamError("The x-llm-endpoint host name could not be resolved.") from None
     return host
 
 
@@ -147,6 +127,7 @@ def execute():
         raise PermissionDenied(f"This key may not use the model '{body['model']}'.", param="model")
     g.log["model"] = body["model"]
     targets = [execute_target(url, key, body["model"])]
+    g.rate_headers = limits.admit(state().db, caller, body, g.request_id)
     if body.get("stream"):
         return stream_chat(targets, body, caller, num_calls)
     result = refine.complete(state().gateway, targets, body, num_calls, g.request_id, caller)
@@ -221,6 +202,7 @@ def api_query():
     gw = state().gateway
     targets = gw.plan(names[0], names[1:], caller, request_key)
     chat = {"model": names[0], "messages": [{"role": "user", "content": query}]}
+    g.rate_headers = limits.admit(state().db, caller, chat, g.request_id)
     cached = cache.lookup(gw, request.headers, chat, num_calls, g.request_id, caller)
     result = cached.hit or refine.complete(gw, targets, chat, num_calls, g.request_id, caller)
     cached.store(result)
@@ -257,7 +239,8 @@ def api_status():
         snap = CIRCUITS[name].snapshot()
         out[name] = {"configured": enabled and gw.endpoint(name, caller) is not None, "enabled": enabled,
                      "circuit": snap["circuit"], **recent.get(name, {"requests": 0, "errors": 0}),
-                     "last_error": snap["last_error"], "last_error_at": snap["last_error_at"],
+                     "last_error": snap["last_error"] if caller.is_admin else None,
+                     "last_error_at": snap["last_error_at"],
                      "last_latency_ms": snap["last_latency_ms"]}
     return json_response({"window_seconds": STATUS_WINDOW, "providers": out})
 
@@ -375,7 +358,10 @@ def engine_model(provider: str, model: str) -> str:
 
 def chat_messages(body: dict) -> list:
     """The conversation of a /llm/chat body: `messages`, then the prompt (with its attachment)."""
-    messages = list(body.get("messages") or []) if isinstance(body.get("messages"), list) else body.get("messages")
+    messages = body.get("messages")
+    if messages is not None and not isinstance(messages, list):
+        raise ValidationError([{"path": "messages", "message": "must be an array of messages"}])
+    messages = list(messages or [])
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValidationError([{"path": "prompt", "message": "must be a string"}])
@@ -400,6 +386,7 @@ def llm_chat():
     g.log["model"] = chat["model"]
     gw = state().gateway
     targets = gw.plan(chat["model"], None, caller, engine_key(body, engine))
+    g.rate_headers = limits.admit(state().db, caller, chat, g.request_id)
     stream_state, chunks = gw.open_stream(targets, chat, g.request_id, caller)
     headers = call_headers(stream_state.route, stream_state.attempts, 0, stream_state.upstream_seconds)
     del headers["x-llm-cost"]  # known only at the end: in the usage line, the usage row and the log

@@ -21,8 +21,11 @@ def is_http_url(value) -> bool:
     """An absolute http(s) URL with a host."""
     if not isinstance(value, str):
         return False
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
 
 
 def _check_range(body: dict, name: str, lo: float, hi: float, problems: list) -> None:
@@ -68,10 +71,50 @@ def _check_messages(messages, problems: list) -> None:
         if "content" not in msg and not msg.get("tool_calls") and not msg.get("function_call"):
             problems.append({"path": f"{path}.content", "message": "is required"})
         _check_content(f"{path}.content", msg.get("content"), problems)
-        if msg.get("tool_calls") is not None and not isinstance(msg["tool_calls"], list):
-            problems.append({"path": f"{path}.tool_calls", "message": "must be an array"})
+        calls = msg.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                problems.append({"path": f"{path}.tool_calls", "message": "must be an array"})
+            else:
+                for j, call in enumerate(calls):
+                    _check_function_holder(f"{path}.tool_calls[{j}]", call, "arguments", problems)
+        if msg.get("function_call") is not None and not _is_function(msg["function_call"], "arguments"):
+            problems.append({"path": f"{path}.function_call", "message": "must be an object with a name"})
         if msg.get("role") == "tool" and not isinstance(msg.get("tool_call_id"), str):
             problems.append({"path": f"{path}.tool_call_id", "message": "is required for tool messages"})
+
+
+def _is_function(value, text_field: str) -> bool:
+    """{"name": str, <text_field>?: str or object}: a function call or definition."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return False
+    extra = value.get(text_field)
+    return extra is None or isinstance(extra, (str, dict))
+
+
+def _check_function_holder(path: str, item, field: str, problems: list) -> None:
+    """A tool or tool call: an object whose `function` is an object with a name (other types pass through)."""
+    if isinstance(item, dict) and item.get("type", "function") != "function":
+        return
+    if not isinstance(item, dict) or not _is_function(item.get("function"), field):
+        problems.append({"path": f"{path}.function", "message": "must be an object with a name"})
+
+
+def _check_tools(body: dict, problems: list) -> None:
+    """tools, functions, tool_choice, function_call and response_format: the shapes the adapters read."""
+    for i, tool in enumerate(body.get("tools") if isinstance(body.get("tools"), list) else ()):
+        _check_function_holder(f"tools[{i}]", tool, "parameters", problems)
+    for i, fn in enumerate(body.get("functions") if isinstance(body.get("functions"), list) else ()):
+        if not _is_function(fn, "parameters"):
+            problems.append({"path": f"functions[{i}]", "message": "must be an object with a name"})
+    for name in ("tool_choice", "function_call"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, (str, dict)):
+            problems.append({"path": name, "message": "must be a string or an object"})
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and (not isinstance(fmt.get("type"), str) or (
+            "json_schema" in fmt and not isinstance(fmt["json_schema"], dict))):
+        problems.append({"path": "response_format", "message": "must have a string type (and an object json_schema)"})
 
 
 def validate_chat(body: dict) -> None:
@@ -101,6 +144,7 @@ def validate_chat(body: dict) -> None:
         v = body.get(name)
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
             problems.append({"path": name, "message": f"must be {_TYPE_NAMES[kind]}"})
+    _check_tools(body, problems)
     fallbacks = body.get("fallbacks")
     if fallbacks is not None and not (isinstance(fallbacks, list) and all(
             isinstance(f, str) and f.strip() for f in fallbacks)):

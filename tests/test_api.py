@@ -93,6 +93,13 @@ def test_missing_or_bad_keys_are_401(client, headers):
     ({**HELLO, "stop": ["a", "b", "c", "d", "e"]}, ["stop"]),
     ({**HELLO, "webhookUrl": "not a url"}, ["webhookUrl"]),
     ({**HELLO, "stream": "yes", "tools": {}}, ["stream", "tools"]),
+    ({**HELLO, "tools": ["x", {"type": "function", "function": "x"}]}, ["tools[0].function", "tools[1].function"]),
+    ({**HELLO, "function_call": 5, "tool_choice": ["auto"]}, ["tool_choice", "function_call"]),
+    ({"model": "echo", "messages": [{"role": "assistant", "tool_calls": ["x"]},
+                                    {"role": "assistant", "function_call": "x"}]},
+     ["messages[0].tool_calls[0].function", "messages[1].function_call"]),
+    ({**HELLO, "response_format": {"type": "json_schema", "json_schema": "x"}}, ["response_format"]),
+    ({**HELLO, "webhookUrl": "http://[::1"}, ["webhookUrl"]),
 ])
 def test_validation_errors_list_every_problem(client, body, paths):
     r = client.post("/v1/chat/completions", json=body, headers=auth())
@@ -109,6 +116,7 @@ def test_validation_errors_list_every_problem(client, body, paths):
     ('"text"', "application/json", 400, "invalid_request_error"),
     ("model=echo", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ("\xff\xfe", "application/json", 400, "invalid_json"),
+    ("[" * 100_000, "application/json", 400, "invalid_json"),
 ])
 def test_malformed_bodies_get_json_errors(client, data, ctype, status, err_type):
     r = client.post("/v1/chat/completions", data=data, headers={**auth(), "Content-Type": ctype})

@@ -10,9 +10,8 @@ import pytest
 import requests
 import responses
 
-import seeds
 from refine import REVIEW_PROMPT
-from support import CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, stream_events, validate
+from support import ADMIN_KEY, CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, stream_events, validate
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 PUBLIC_IP = "93.184.215.14"
@@ -33,7 +32,8 @@ def mistral_fake():
 
 @pytest.fixture
 def proxy(openai_fake, mistral_fake, database_url):
-    env = {"DATABASE_URL": database_url, "API_KEY": CLIENT_KEY, "OPENAI_API_KEY": "sk-server-openai",
+    env = {"DATABASE_URL": database_url, "API_KEY": CLIENT_KEY, "ADMIN_API_KEY": ADMIN_KEY,
+           "OPENAI_API_KEY": "sk-server-openai",
            "OPENAI_BASE_URL": openai_fake.url, "MISTRAL_BASE_URL": mistral_fake.url, "ALLOW_PRIVATE_URLS": "true",
            "EXECUTE_ALLOWED_HOSTS": "127.0.0.1", "INITIAL_BACKOFF": "1", "MAX_RETRIES": "1", "REQUEST_TIMEOUT": "5"}
     with Gunicorn(env) as server:
@@ -97,7 +97,7 @@ def test_execute_names_a_missing_header(client, missing):
 def fake_dns(monkeypatch, *addresses):
     def getaddrinfo(host, port, *a, **k):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in addresses]
-    monkeypatch.setattr(seeds.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 def test_execute_checks_every_resolved_address(make_app, monkeypatch):
@@ -150,7 +150,9 @@ def test_query_routes_by_task_type_and_fails_over(proxy, openai_fake, mistral_fa
     status = call(proxy, "GET", "/api/status").json()["providers"]
     assert status["openai"]["configured"] is True and status["openai"]["circuit"] == "closed"
     assert status["openai"]["requests"] == 1 and status["openai"]["errors"] == 1
-    assert "Incorrect API key" in status["openai"]["last_error"]
+    assert status["openai"]["last_error"] is None  # error texts are for the admin only
+    as_admin = call(proxy, "GET", "/api/status", auth(ADMIN_KEY)).json()["providers"]
+    assert "Incorrect API key" in as_admin["openai"]["last_error"]
     assert status["mistral"]["configured"] is False  # the per-request key was for that request only
     assert status["mistral"]["requests"] == 1 and status["mistral"]["last_latency_ms"] > 0
 
