@@ -124,6 +124,19 @@ def loads_upstream(text: str | bytes, provider: str) -> dict:
     return data
 
 
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+# What OpenAI-compatible providers send beyond OpenAI's own values (Mistral: model_length, error).
+FINISH_REASON_ALIASES = {"model_length": "length", "max_tokens": "length", "tool_call": "tool_calls",
+                         "eos": "stop", "end_turn": "stop", "stop_sequence": "stop"}
+
+
+def openai_finish_reason(reason) -> str | None:
+    """One of OpenAI's finish reasons for whatever a compatible provider sent (None stays None)."""
+    if reason is None or reason in FINISH_REASONS:
+        return reason
+    return FINISH_REASON_ALIASES.get(reason, "stop")
+
+
 def normalize_usage(usage) -> dict | None:
     """Usage with all three counts as integers, keeping any detail fields the provider sent."""
     if not isinstance(usage, dict):
@@ -215,7 +228,7 @@ class OpenAIAdapter(Adapter):
                 raise UpstreamError(f"{self.name} returned a choice without a message")
             choice.setdefault("index", i)
             choice.setdefault("logprobs", None)
-            choice["finish_reason"] = choice.get("finish_reason") or "stop"
+            choice["finish_reason"] = openai_finish_reason(choice.get("finish_reason")) or "stop"
             msg = choice["message"]
             msg.setdefault("role", "assistant")
             msg.setdefault("content", None)
@@ -235,7 +248,7 @@ class OpenAIAdapter(Adapter):
             if not isinstance(chunk.get("model"), str):
                 chunk["model"] = model
             for choice in chunk.get("choices") or []:
-                choice.setdefault("finish_reason", None)
+                choice["finish_reason"] = openai_finish_reason(choice.get("finish_reason"))
             if chunk.get("usage") is not None:
                 chunk["usage"] = normalize_usage(chunk["usage"])
             yield chunk

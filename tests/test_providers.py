@@ -210,3 +210,18 @@ def test_models_table_wins_and_unknown_names_fail():
 def test_every_provider_of_the_spec_is_registered():
     assert {"openai", "anthropic", "gemini", "mistral", "azure", "ollama", "groq", "xai", "deepseek", "cerebras",
             "openrouter", "echo"} <= set(PROVIDERS)
+
+
+@pytest.mark.parametrize("sent, expected", [("stop", "stop"), ("model_length", "length"), ("error", "stop"),
+                                            ("tool_calls", "tool_calls"), (None, "stop")])
+def test_compatible_providers_finish_reasons_are_mapped_to_openais(sent, expected):
+    body = completion_body()
+    body["choices"][0]["finish_reason"] = sent
+    completion = PROVIDERS["mistral"].parse_response(body, "mistral-small-latest")
+    assert completion["choices"][0]["finish_reason"] == expected
+    validate(completion, "CreateChatCompletionResponse")
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {}, "finish_reason": sent}]}
+    [parsed] = PROVIDERS["mistral"].parse_stream([f"data: {json.dumps(chunk)}".encode(), b"", b"data: [DONE]", b""],
+                                                 "m")
+    assert parsed["choices"][0]["finish_reason"] == (None if sent is None else expected)
