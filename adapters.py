@@ -25,6 +25,21 @@ class Endpoint:
     base_url: str
     key: str | None = None
     api_version: str | None = None
+    public_only: bool = False  # a client-chosen URL (/execute): connect to public addresses only
+
+
+class RawChunk(dict):
+    """A chunk the provider sent exactly as OpenAI's format has it: `raw` is its JSON text, relayed as is.
+
+    Whoever changes such a chunk must relay a plain dict instead (app.sse_events drops `raw` when it
+    removes the usage field).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, chunk: dict, raw: str):
+        super().__init__(chunk)
+        self.raw = raw
 
 
 def completion_id() -> str:
@@ -218,7 +233,8 @@ class OpenAIAdapter(Adapter):
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
             raise UpstreamError(f"{self.name} returned a completion without choices")
-        data.setdefault("id", completion_id())
+        if "id" not in data:  # not setdefault: a fresh id costs a uuid4
+            data["id"] = completion_id()
         data["object"] = "chat.completion"
         data.setdefault("created", int(time.time()))
         if not isinstance(data.get("model"), str):
@@ -244,14 +260,19 @@ class OpenAIAdapter(Adapter):
             chunk = loads_upstream(data, self.name)
             if "error" in chunk:
                 raise UpstreamError(f"{self.name} stream error: {self.error_message(chunk)}", retryable=False)
+            changed = chunk.get("object") != "chat.completion.chunk" or not isinstance(chunk.get("model"), str)
             chunk["object"] = "chat.completion.chunk"
             if not isinstance(chunk.get("model"), str):
                 chunk["model"] = model
             for choice in chunk.get("choices") or []:
-                choice["finish_reason"] = openai_finish_reason(choice.get("finish_reason"))
+                reason = openai_finish_reason(choice.get("finish_reason"))
+                changed = changed or "finish_reason" not in choice or reason != choice["finish_reason"]
+                choice["finish_reason"] = reason
             if chunk.get("usage") is not None:
-                chunk["usage"] = normalize_usage(chunk["usage"])
-            yield chunk
+                usage = normalize_usage(chunk["usage"])
+                changed = changed or usage != chunk["usage"]
+                chunk["usage"] = usage
+            yield chunk if changed else RawChunk(chunk, data)
         raise UpstreamError(f"{self.name} stream ended without [DONE]")
 
     def models_request(self, endpoint: Endpoint):

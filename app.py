@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 
 import click
@@ -23,7 +23,7 @@ from db import Database, usd
 from errors import APIError, InvalidJSON, InvalidRequest, ServiceUnavailable
 from gateway import Gateway
 from jobs import JobQueue, wants_async
-from providers import PROVIDERS, list_provider_models
+from providers import PROVIDERS, configure_session, list_provider_models
 from validate import validate_chat
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -39,6 +39,7 @@ SECURITY_HEADERS = {
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
 }
 JSON_TYPES = ("application/json",)
+ARRIVED = "llm_proxy.arrived"  # WSGI environ key: perf_counter() when the request reached the app
 log = logging.getLogger("llm_proxy")
 
 
@@ -81,7 +82,7 @@ def json_body() -> dict:
     raw = request.get_data(cache=True)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidJSON(f"The request body is not valid JSON ({exc.__class__.__name__}).") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -104,8 +105,19 @@ def admin() -> Caller:
     return caller
 
 
+def note_request(model: str, messages) -> None:
+    """Put the model, and the prompt only when LOG_BODIES is on, in the access-log line."""
+    g.log["model"] = model
+    if state().config.log_bodies:
+        g.log["messages"] = messages
+
+
 def call_headers(route, attempts: int, cost_nusd: int, upstream_seconds: float) -> dict:
-    """SPEC section 3's response headers for a call: who answered, attempts, cost and our overhead."""
+    """SPEC section 3's response headers for a call: who answered, attempts, cost and our overhead.
+
+    The overhead is measured again, as late as it can be, when the response leaves (finish_response).
+    """
+    g.upstream_seconds = upstream_seconds
     overhead = max(0.0, (time.perf_counter() - g.started) - upstream_seconds) * 1000
     g.log.update(provider=route.provider, model=route.name, attempts=attempts, cost=usd(cost_nusd))
     return {"x-llm-provider": route.provider, "x-llm-model": route.name, "x-llm-attempts": str(attempts),
@@ -120,7 +132,7 @@ def chat_completions():
     body = json_body()
     validate_chat(body)
     num_calls = refine.num_calls(request.headers, state().config)
-    g.log["model"] = body["model"]
+    note_request(body["model"], body["messages"])
     gw = state().gateway
     targets = gw.plan(body["model"], body.get("fallbacks"), caller, request.headers.get("x-llm-apikey"))
     g.rate_headers = limits.admit(state().db, caller, body, g.request_id)  # 402/429; headers added by keys.py
@@ -171,11 +183,13 @@ def sse_events(chunks, include_usage: bool):
     """Frame chunk dicts as SSE; drop usage unless asked; an upstream error becomes a last error event."""
     try:
         for chunk in chunks:
-            if not include_usage:
+            raw = getattr(chunk, "raw", None)  # the provider's own bytes, when they need no change
+            if not include_usage and "usage" in chunk:
                 if not chunk.get("choices") and chunk.get("usage"):
                     continue
-                chunk.pop("usage", None)
-            yield b"data: " + dumps(chunk) + b"\n\n"
+                chunk.pop("usage")
+                raw = None
+            yield b"data: " + (raw.encode("utf-8") if raw is not None else dumps(chunk)) + b"\n\n"
     except APIError as exc:
         yield b"data: " + dumps(exc.to_dict()) + b"\n\n"
         return
@@ -234,15 +248,15 @@ def index():
 
 def begin_request() -> None:
     """Request id, start time and the access-log entry."""
-    g.started = time.perf_counter()
+    g.started = request.environ.get(ARRIVED, 0.0) or time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
-    g.request_id = given if REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+    g.request_id = given if REQUEST_ID.match(given) else "req_" + secrets.token_hex(16)
     g.log = {"request_id": g.request_id, "method": request.method, "path": request.path}
 
 
 def finish_response(response: Response) -> Response:
     """Security and CORS headers, the request id, and the access log line once the body is sent."""
-    response.headers.update(SECURITY_HEADERS)
+    response.headers.extend(SECURITY_HEADERS)  # set only here: add, not update (which scans per header)
     response.headers["X-Request-ID"] = g.get("request_id", "")
     origin = request.headers.get("Origin")
     allowed = state().config.cors_origins
@@ -252,12 +266,23 @@ def finish_response(response: Response) -> Response:
         response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, x-llm-provider, x-llm-model, " \
             "x-llm-attempts, x-llm-cost, x-llm-overhead-ms, x-cache, Retry-After, x-ratelimit-limit-requests, " \
             "x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens"
+    if "x-llm-overhead-ms" in response.headers:  # the last moment our own time is knowable
+        overhead = time.perf_counter() - g.started - g.get("upstream_seconds", 0.0)
+        response.headers["x-llm-overhead-ms"] = f"{max(0.0, overhead) * 1000:.2f}"
     entry = g.get("log")
     if entry is not None:
         entry["status"] = response.status_code
         started = g.started
         response.call_on_close(lambda: write_access_log(entry, started))
     return response
+
+
+def stamp_arrival(wsgi_app):
+    """Wrap the WSGI app to note when each request arrives, before Flask's own routing and hooks."""
+    def stamped(environ, start_response):
+        environ[ARRIVED] = time.perf_counter()
+        return wsgi_app(environ, start_response)
+    return stamped
 
 
 def cors_preflight() -> Response | None:
@@ -334,12 +359,11 @@ class JSONLogFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stdout."""
-    if log.handlers:
-        return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONLogFormatter())
-    log.addHandler(handler)
+    """JSON lines on stdout, at LOG_LEVEL (the handler is added once per process)."""
+    if not any(isinstance(h.formatter, JSONLogFormatter) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JSONLogFormatter())
+        log.addHandler(handler)
     log.setLevel(getattr(logging, level.upper(), logging.INFO))
     log.propagate = False
 
@@ -351,6 +375,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         config = config.with_overrides(**test_config)
     configure_logging(config.log_level)
+    configure_session(config.upstream_pool_size, config.upstream_trust_env, config.upstream_ca_bundle)
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     db = Database(config.database_url)
@@ -362,6 +387,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if config.start_workers and click.get_current_context(silent=True) is None:
         app.extensions["jobs"].start()
 
+    app.wsgi_app = stamp_arrival(app.wsgi_app)
     app.before_request(begin_request)
     app.before_request(cors_preflight)
     app.after_request(finish_response)

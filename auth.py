@@ -23,6 +23,7 @@ class Caller:
     max_budget: float | None = None
     models: list[str] | None = None
     spend_nusd: int = 0
+    has_provider_keys: bool = True  # False only when authentication saw none: saves the lookup
 
     @property
     def is_admin(self) -> bool:
@@ -72,7 +73,7 @@ def authenticate(headers, config, db) -> Caller:
                           tpm_limit=row["tpm_limit"],
                           max_budget=None if row["max_budget"] is None else float(row["max_budget"]),
                           models=json.loads(row["models"]) if row["models"] else None,
-                          spend_nusd=int(row["spend_nusd"] or 0))
+                          spend_nusd=int(row["spend_nusd"] or 0), has_provider_keys=bool(row["has_provider_keys"]))
     raise AuthenticationError("Invalid API key.")
 
 

@@ -13,6 +13,11 @@ KNOWN_PROVIDER_HOSTS = (
     "api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "api.mistral.ai",
     "api.groq.com", "api.x.ai", "api.deepseek.com", "api.cerebras.ai", "openrouter.ai",
 )
+# Proxy settings requests would look up in the environment on every call (either case). Only when one
+# is set does the upstream session keep that per-call scan (NO_PROXY is matched per URL); otherwise
+# it skips it, and ~/.netrc with it (which could replace a provider key). A CA bundle named by
+# REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE is read once instead.
+PROXY_ENV_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -51,6 +56,9 @@ class Config:
     log_level: str = "info"
     log_bodies: bool = False
     cors_origins: tuple[str, ...] = ()
+    upstream_pool_size: int = 512  # pooled connections per provider host (GUNICORN_THREADS: one per thread)
+    upstream_trust_env: bool = False  # a proxy variable is set: let requests read the environment per call
+    upstream_ca_bundle: str | None = None  # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE: verify providers against it
     start_workers: bool = True  # background job workers and cleanup (tests may turn them off)
 
     def with_overrides(self, **overrides) -> "Config":
@@ -148,4 +156,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_level=(env.get("LOG_LEVEL") or "info").strip().lower(),
         log_bodies=_bool(env.get("LOG_BODIES")),
         cors_origins=_list(env.get("CORS_ORIGINS")),
+        upstream_pool_size=_number(env, "GUNICORN_THREADS", 512, int, 1),
+        upstream_trust_env=any(env.get(n) or env.get(n.lower()) for n in PROXY_ENV_VARS),
+        upstream_ca_bundle=_first(env, "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),
     )

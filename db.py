@@ -13,7 +13,7 @@ import queue
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Iterator
 
@@ -36,6 +36,12 @@ def _pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _rows(cur) -> list[dict]:
+    """The cursor's result as dicts by column name."""
+    names = [d[0] for d in cur.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
 def _sqlite_path(url: str) -> str:
     """sqlite:///relative.db, sqlite:////absolute.db, or a bare path."""
     if url.startswith("sqlite:///"):
@@ -46,31 +52,68 @@ def _sqlite_path(url: str) -> str:
 
 
 class Tx:
-    """One transaction on one connection: query/execute with `?` placeholders."""
+    """One transaction on one connection: query/execute with `?` placeholders.
+
+    On PostgreSQL the connection is in autocommit mode and the transaction is spelled out: BEGIN
+    travels with the first statement, and statements whose result nobody reads (`defer`) travel
+    with the COMMIT, so a transaction costs as few network round trips as its reads need.
+    """
 
     def __init__(self, conn, is_pg: bool):
         self.conn, self.is_pg = conn, is_pg
+        self._unsent: list[bytes] = [b"BEGIN"] if is_pg else []  # PostgreSQL text not yet sent
+
+    def _run(self, cur, sql: str, params) -> None:
+        if not self.is_pg:
+            cur.execute(sql, params)
+            return
+        self._unsent.append(cur.mogrify(_pg_sql(sql), params))
+        text, self._unsent = b"; ".join(self._unsent), []
+        cur.execute(text)  # several statements, one round trip; the cursor holds the last one's result
 
     def execute(self, sql: str, params: tuple | list = ()) -> int:
         cur = self.conn.cursor()
         try:
-            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            self._run(cur, sql, params)
             return cur.rowcount
         finally:
             cur.close()
 
+    def defer(self, sql: str, params: tuple | list = ()) -> None:
+        """A statement whose result is not needed: on PostgreSQL it is sent with the next one, or the COMMIT."""
+        if not self.is_pg:
+            self.execute(sql, params)
+            return
+        with self.conn.cursor() as cur:
+            self._unsent.append(cur.mogrify(_pg_sql(sql), params))
+
     def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
         cur = self.conn.cursor()
         try:
-            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
-            names = [d[0] for d in cur.description or ()]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+            self._run(cur, sql, params)
+            return _rows(cur)
         finally:
             cur.close()
 
     def query_one(self, sql: str, params: tuple | list = ()) -> dict | None:
         rows = self.query(sql, params)
         return rows[0] if rows else None
+
+    def commit(self) -> None:
+        if not self.is_pg:
+            self.conn.commit()
+        elif self._unsent != [b"BEGIN"]:  # nothing was run at all: nothing to send
+            with self.conn.cursor() as cur:
+                cur.execute(b"; ".join([*self._unsent, b"COMMIT"]))
+        self._unsent = []
+
+    def rollback(self) -> None:
+        if not self.is_pg:
+            self.conn.rollback()
+        elif not self._unsent or self._unsent[0] != b"BEGIN":  # BEGIN went out: end the transaction
+            with self.conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+        self._unsent = []
 
 
 class Database:
@@ -89,6 +132,7 @@ class Database:
     def _connect(self):
         if self.is_pg:
             conn = psycopg2.connect(self.url, connect_timeout=5)
+            conn.autocommit = True  # a lone statement is its own transaction; Tx spells out the others
             return conn
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -98,12 +142,8 @@ class Database:
         return conn
 
     @contextmanager
-    def transaction(self, immediate: bool = False) -> Iterator[Tx]:
-        """Borrow a connection and run one transaction; commit on success, roll back on error.
-
-        immediate=True takes SQLite's write lock at BEGIN, so read-then-write sequences (rate
-        limits, job claims) serialise; on PostgreSQL use SELECT ... FOR UPDATE in the SQL instead.
-        """
+    def _connection(self):
+        """Borrow a pooled connection; a broken one is closed instead of returned; 503 when unreachable."""
         if not self._slots.acquire(timeout=POOL_TIMEOUT):
             raise ServiceUnavailable("the database is busy; try again")
         conn = None
@@ -112,13 +152,15 @@ class Database:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 conn = self._connect()
-            if not self.is_pg:
-                conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
-                yield Tx(conn, self.is_pg)
-                conn.commit()
+                yield conn
+            except DB_ERRORS:
+                raise
             except BaseException:
-                conn.rollback()
+                # The caller failed (a 429, a 401...), not the connection: its transaction was
+                # rolled back, so the connection goes back to the pool rather than being closed.
+                self._idle.put(conn)
+                conn = None
                 raise
             self._idle.put(conn)
             conn = None
@@ -132,17 +174,39 @@ class Database:
                     pass
             self._slots.release()
 
+    @contextmanager
+    def transaction(self, immediate: bool = False) -> Iterator[Tx]:
+        """Borrow a connection and run one transaction; commit on success, roll back on error.
+
+        immediate=True takes SQLite's write lock at BEGIN, so read-then-write sequences (rate
+        limits, job claims) serialise; on PostgreSQL use SELECT ... FOR UPDATE in the SQL instead.
+        """
+        with self._connection() as conn:
+            if not self.is_pg:
+                conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            tx = Tx(conn, self.is_pg)
+            try:
+                yield tx
+                tx.commit()
+            except BaseException:
+                tx.rollback()
+                raise
+
+    # One statement needs no BEGIN/COMMIT: it runs on its own (autocommit), one round trip on PostgreSQL.
+
     def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
-        with self.transaction() as tx:
-            return tx.query(sql, params)
+        with self._connection() as conn, closing(conn.cursor()) as cur:
+            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            return _rows(cur)
 
     def query_one(self, sql: str, params: tuple | list = ()) -> dict | None:
-        with self.transaction() as tx:
-            return tx.query_one(sql, params)
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
 
     def execute(self, sql: str, params: tuple | list = ()) -> int:
-        with self.transaction() as tx:
-            return tx.execute(sql, params)
+        with self._connection() as conn, closing(conn.cursor()) as cur:
+            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            return cur.rowcount
 
     def close(self) -> None:
         """Close idle connections (tests, shutdown)."""
@@ -190,29 +254,51 @@ class Database:
     # -- virtual keys (lookup only; management lives with the admin API) --------------------------
 
     def find_live_key(self, key_hash: str) -> dict | None:
-        """The unrevoked virtual key with this SHA-256 hash, or None."""
+        """The unrevoked virtual key with this SHA-256 hash, or None; also whether it has stored provider keys."""
         return self.query_one(
-            "SELECT id, name, key_prefix, rpm_limit, tpm_limit, max_budget, models, spend_nusd "
+            "SELECT id, name, key_prefix, rpm_limit, tpm_limit, max_budget, models, spend_nusd, "
+            "EXISTS (SELECT 1 FROM provider_keys p WHERE p.key_id = api_keys.id) AS has_provider_keys "
             "FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
 
     # -- usage ------------------------------------------------------------------------------------
 
     def record_usage(self, rows: list[dict]) -> None:
-        """Write usage rows and add their cost to each key's spend, in one transaction."""
+        """Write usage rows, add their cost to each key's spend and their tokens to its rate window, at once.
+
+        The request's prompt estimate (limits.py's rate event) stops counting here: its real tokens
+        take its place. Nothing is read back, so on PostgreSQL this is a single round trip.
+        """
         if not rows:
             return
         now = time.time()
+        spend: dict[str, int] = {}
+        tokens: dict[tuple[str, int], int] = {}
+        settled: set[str] = set()
         with self.transaction() as tx:
             for r in rows:
-                tx.execute(
+                created = r.get("created_at", now)
+                prompt, completion = int(r.get("prompt_tokens", 0)), int(r.get("completion_tokens", 0))
+                tx.defer(
                     "INSERT INTO usage (request_id, key_id, model, provider, prompt_tokens, completion_tokens, "
                     "cost_nusd, latency_ms, status, cached, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["request_id"], r.get("key_id"), r["model"], r["provider"], int(r.get("prompt_tokens", 0)),
-                     int(r.get("completion_tokens", 0)), int(r.get("cost_nusd", 0)), float(r.get("latency_ms", 0)),
-                     r.get("status", "ok"), 1 if r.get("cached") else 0, r.get("created_at", now)))
-                if r.get("key_id") and r.get("cost_nusd"):
-                    tx.execute("UPDATE api_keys SET spend_nusd = spend_nusd + ? WHERE id = ?",
-                               (int(r["cost_nusd"]), r["key_id"]))
+                    (r["request_id"], r.get("key_id"), r["model"], r["provider"], prompt, completion,
+                     int(r.get("cost_nusd", 0)), float(r.get("latency_ms", 0)), r.get("status", "ok"),
+                     1 if r.get("cached") else 0, created))
+                if r.get("key_id"):
+                    spend[r["key_id"]] = spend.get(r["key_id"], 0) + int(r.get("cost_nusd", 0))
+                    bucket = (r["key_id"], int(created))
+                    tokens[bucket] = tokens.get(bucket, 0) + prompt + completion
+                    settled.add(r["request_id"])
+            for key_id, cost in spend.items():
+                if cost:
+                    tx.defer("UPDATE api_keys SET spend_nusd = spend_nusd + ? WHERE id = ?", (cost, key_id))
+            for (key_id, second), used in tokens.items():
+                if used:
+                    tx.defer("INSERT INTO token_buckets (key_id, epoch_second, tokens) VALUES (?, ?, ?) "
+                             "ON CONFLICT (key_id, epoch_second) DO UPDATE SET tokens = token_buckets.tokens + "
+                             "excluded.tokens", (key_id, second, used))
+            for request_id in settled:
+                tx.defer("DELETE FROM rate_events WHERE request_id = ?", (request_id,))
 
 
 def cost_nusd(prompt_tokens: int, completion_tokens: int, input_per_1k: float, output_per_1k: float) -> int:

@@ -5,6 +5,8 @@ so routing, keys, retries, fallback and usage rows behave the same everywhere.
 """
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,9 +16,10 @@ import providers
 from adapters import Endpoint, estimate_tokens
 from auth import Caller
 from db import cost_nusd
-from errors import ModelNotFound, PermissionDenied, ProviderNotConfigured, UpstreamError
+from errors import ModelNotFound, PermissionDenied, ProviderNotConfigured, ServiceUnavailable, UpstreamError
 from providers import PROVIDERS, Outcome, Route, Target
 
+log = logging.getLogger("llm_proxy")
 CATALOG_TTL = 5.0  # seconds; admin edits to models/providers reach every worker within this
 
 
@@ -82,7 +85,7 @@ class Gateway:
 
     def stored_key(self, caller: Caller | None, provider: str) -> str | None:
         """The calling virtual key's own stored key for this provider, if any."""
-        if caller is None or caller.key_id is None:
+        if caller is None or caller.key_id is None or not caller.has_provider_keys:
             return None
         import keys  # the admin/keys module owns encryption; imported lazily to keep this module small
         return keys.stored_provider_key(self.db, self.config, caller.key_id, provider)
@@ -216,4 +219,9 @@ class Gateway:
                          "completion_tokens": (usage or {}).get("completion_tokens") or 0,
                          "cost_nusd": cost, "latency_ms": (time.perf_counter() - started) * 1000,
                          "status": status, "cached": cached})
-        self.db.record_usage(rows)
+        try:
+            self.db.record_usage(rows)
+        except ServiceUnavailable:
+            # The provider has answered (and charged); the client still gets the answer. The rows go
+            # to the log instead, to be reconciled when the database is back.
+            log.error(json.dumps({"event": "usage_not_recorded", "request_id": request_id, "rows": rows}, default=str))

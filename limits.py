@@ -1,11 +1,12 @@
 """Per-key admission: budgets and sliding-minute request/token limits, shared through the database (SPEC 5).
 
 Every gunicorn worker and every proxy instance sees the same counters because they live in the
-database: one `rate_events` row per admitted request (its prompt estimate in `tokens`), counted over
-the last WINDOW seconds under a per-key lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: SELECT ... FOR
-UPDATE on the key's row). Real token counts come from the `usage` rows the gateway writes after each
-call; an event's estimate stops counting as soon as its request has a usage row, so the correction
-costs no extra write.
+database, read and updated under a per-key lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory
+lock on the key, held only inside one statement batch, which the usage writer never takes).
+`request_buckets` counts the requests admitted per key and second, `token_buckets` the real tokens
+used (db.record_usage adds those), so the minute is a sum over at most 61 rows of each however busy
+the key is: the window slides in whole seconds. A request's prompt estimate waits in `rate_events`
+until its first usage row settles it, so only calls in flight are counted that way.
 """
 from __future__ import annotations
 
@@ -23,19 +24,35 @@ from errors import AuthenticationError, BudgetExceeded, RateLimited
 WINDOW = 60.0        # seconds: the sliding minute
 PRUNE_EVERY = 60.0   # seconds between deletions of expired rate events, per process
 
-# One statement, five indexed lookups: requests and tokens in the window, and when the oldest expires.
-# The settled-estimate probe matches on request_id alone so that it always uses the usage_request
-# index (with key_id too, PostgreSQL may pick usage_key_time and scan the key's history per event).
+ADMISSION_LOCK = 727275  # first half of PostgreSQL's advisory lock key; the second is the key id's hash
+# One statement: the key's spend (NULL once revoked), the buckets of the last minute, and the
+# estimates of calls still in flight.
 WINDOW_SQL = (
-    "SELECT (SELECT COUNT(*) FROM rate_events WHERE key_id = ? AND created_at > ?) AS requests, "
-    "(SELECT MIN(created_at) FROM rate_events WHERE key_id = ? AND created_at > ?) AS oldest_request, "
-    "(SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
-    " WHERE key_id = ? AND created_at > ?) AS used_tokens, "
-    "(SELECT MIN(created_at) FROM usage WHERE key_id = ? AND created_at > ? "
-    " AND prompt_tokens + completion_tokens > 0) AS oldest_usage, "
-    "(SELECT COALESCE(SUM(e.tokens), 0) FROM rate_events e WHERE e.key_id = ? AND e.created_at > ? "
-    " AND NOT EXISTS (SELECT 1 FROM usage u WHERE u.request_id = e.request_id)) "
-    "AS pending_tokens")
+    "SELECT (SELECT spend_nusd FROM api_keys WHERE id = ? AND revoked_at IS NULL) AS spend_nusd, "
+    "(SELECT COALESCE(SUM(requests), 0) FROM request_buckets WHERE key_id = ? AND epoch_second > ?) AS requests, "
+    "(SELECT MIN(epoch_second) FROM request_buckets WHERE key_id = ? AND epoch_second > ?) AS oldest_request, "
+    "(SELECT COALESCE(SUM(tokens), 0) FROM token_buckets WHERE key_id = ? AND epoch_second > ?) AS used_tokens, "
+    "(SELECT MIN(epoch_second) FROM token_buckets WHERE key_id = ? AND epoch_second > ? AND tokens > 0) "
+    "AS oldest_usage, "
+    "(SELECT COALESCE(SUM(tokens), 0) FROM rate_events WHERE key_id = ? AND created_at > ?) AS pending_tokens")
+COUNT_REQUEST_SQL = (
+    "INSERT INTO request_buckets (key_id, epoch_second, requests) VALUES (?, ?, 1) "
+    "ON CONFLICT (key_id, epoch_second) DO UPDATE SET requests = request_buckets.requests + 1")
+PENDING_SQL = "INSERT INTO rate_events (key_id, request_id, created_at, tokens) VALUES (?, ?, ?, ?)"
+NO_LIMIT = 2 ** 62  # stands for "no limit" in ADMIT_SQL's comparisons
+# PostgreSQL, sent as one message (one implicit transaction, one round trip): take the key's lock,
+# then, in a statement whose snapshot is taken after the lock, read the window and count the request
+# only if it passes the budget (spend < budget; NULL when revoked), rpm and tpm checks that
+# refuse_if_over makes in Python. The counters are this minute's, not records: no WAL flush at commit.
+ADMIT_SQL = (
+    "SET LOCAL synchronous_commit = off; "
+    "SELECT pg_advisory_xact_lock(?, hashtext(?)); "
+    f"WITH w AS ({WINDOW_SQL}), "
+    "admitted AS (SELECT 1 FROM w WHERE spend_nusd < ? AND requests + 1 <= ? "
+    "AND ? <= ? - used_tokens - pending_tokens), "
+    "counted AS (" + COUNT_REQUEST_SQL.replace("VALUES (?, ?, 1)", "SELECT ?, ?, 1 FROM admitted") + "), "
+    "pending AS (" + PENDING_SQL.replace("VALUES (?, ?, ?, ?)", "SELECT ?, ?, ?, ? FROM admitted") + ") "
+    "SELECT w.*, EXISTS (SELECT 1 FROM admitted) AS admitted FROM w")
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Window:
     requests: int
     tokens: int
     oldest: float | None  # when the oldest counted request or token use happened
+    spend_nusd: int | None = None  # the key's spend; None when it has been revoked
 
     def retry_after(self, now: float) -> int:
         """Whole seconds until the oldest entry leaves the window (at least 1)."""
@@ -78,39 +96,68 @@ def admit(db, caller: Caller | None, body: dict, request_id: str) -> dict[str, s
         return {}
     estimate = estimate_tokens(body.get("messages"))
     now = time.time()
-    with db.transaction(immediate=True) as tx:
-        spend = lock_key(tx, caller.key_id)
-        check_budget(caller.max_budget, spend)
-        used = window_usage(tx, caller.key_id, now)
-        check_limits(caller, used, estimate, now)
-        tx.execute("INSERT INTO rate_events (key_id, request_id, created_at, tokens) VALUES (?, ?, ?, ?)",
-                   (caller.key_id, request_id, now, estimate))
+    admit_once = admit_in_one_trip if db.is_pg else admit_in_transaction
+    used = admit_once(db, caller, request_id, estimate, now)
     if PRUNE_CLOCK.due(now):
         prune_events(db, now)
     return rate_headers(caller, Window(used.requests + 1, used.tokens + estimate, used.oldest))
 
 
-def lock_key(tx, key_id: str) -> int:
-    """Take the key's lock for this transaction and return its current spend; 401 if revoked meanwhile."""
-    row = tx.query_one("SELECT spend_nusd FROM api_keys WHERE id = ? AND revoked_at IS NULL"
-                       + (" FOR UPDATE" if tx.is_pg else ""), (key_id,))
-    if row is None:
+def admit_in_transaction(db, caller: Caller, request_id: str, estimate: int, now: float) -> Window:
+    """SQLite: under BEGIN IMMEDIATE (which serialises every writer), check the window, then count the request."""
+    with db.transaction(immediate=True) as tx:
+        used = window_usage(tx, caller.key_id, now)
+        refuse_if_over(caller, used, estimate, now)
+        tx.execute(COUNT_REQUEST_SQL, (caller.key_id, int(now)))
+        tx.execute(PENDING_SQL, (caller.key_id, request_id, now, estimate))
+    return used
+
+
+def admit_in_one_trip(db, caller: Caller, request_id: str, estimate: int, now: float) -> Window:
+    """PostgreSQL: lock, check and count in one round trip (ADMIT_SQL), so the key's lock is held only
+    inside the server, never while this thread waits for the GIL; Python then explains a refusal."""
+    since = now - WINDOW
+    row = db.query_one(ADMIT_SQL, (ADMISSION_LOCK, caller.key_id) + (caller.key_id,) + (caller.key_id, since) * 5 + (
+        NO_LIMIT if caller.max_budget is None else budget_nusd(caller.max_budget),
+        NO_LIMIT if caller.rpm_limit is None else caller.rpm_limit,
+        estimate, NO_LIMIT if caller.tpm_limit is None else caller.tpm_limit,
+        caller.key_id, int(now), caller.key_id, request_id, now, estimate))
+    used = window_from(row)
+    if not row["admitted"]:
+        refuse_if_over(caller, used, estimate, now)
+        raise RateLimited("Rate limit reached.")  # not reached: the SQL and refuse_if_over agree
+    return used
+
+
+def refuse_if_over(caller: Caller, used: Window, estimate: int, now: float) -> None:
+    """401 if the key was revoked meanwhile, 402 over budget, 429 over a limit (with Retry-After)."""
+    if used.spend_nusd is None:
         raise AuthenticationError("Invalid API key.")
-    return int(row["spend_nusd"] or 0)
+    check_budget(caller.max_budget, used.spend_nusd)
+    check_limits(caller, used, estimate, now)
 
 
 def window_usage(tx, key_id: str, now: float) -> Window:
     """Requests and tokens (real usage plus estimates of calls still running) in the last minute."""
     since = now - WINDOW
-    row = tx.query_one(WINDOW_SQL, (key_id, since) * 5)
+    return window_from(tx.query_one(WINDOW_SQL, (key_id,) + (key_id, since) * 5))
+
+
+def window_from(row: dict) -> Window:
+    """A Window from WINDOW_SQL's columns."""
     oldest = [t for t in (row["oldest_request"], row["oldest_usage"]) if t is not None]
     return Window(int(row["requests"]), int(row["used_tokens"]) + int(row["pending_tokens"]),
-                  min(oldest) if oldest else None)
+                  min(oldest) if oldest else None, None if row["spend_nusd"] is None else int(row["spend_nusd"]))
+
+
+def budget_nusd(max_budget: float | None) -> int | None:
+    """The budget in whole nano-dollars (rounded up: a spend reaches it when spend >= this)."""
+    return None if max_budget is None else math.ceil(Decimal(repr(float(max_budget))) * NANO)
 
 
 def check_budget(max_budget: float | None, spend_nusd: int) -> None:
     """402 budget_exceeded once the key's spend has reached its budget."""
-    if max_budget is not None and spend_nusd >= Decimal(repr(float(max_budget))) * NANO:
+    if max_budget is not None and spend_nusd >= budget_nusd(max_budget):
         raise BudgetExceeded(f"This key has spent ${usd(spend_nusd)} of its ${max_budget:g} budget.")
 
 
@@ -149,5 +196,8 @@ def current_window(db, key_id: str) -> Window:
 
 
 def prune_events(db, now: float) -> int:
-    """Delete rate events that have left the window; returns how many."""
-    return db.execute("DELETE FROM rate_events WHERE created_at < ?", (now - WINDOW,))
+    """Delete buckets and estimates that have left the window; returns how many rows."""
+    with db.transaction() as tx:
+        return sum(tx.execute(f"DELETE FROM {table} WHERE {column} < ?", (since,)) for table, column, since in (
+            ("rate_events", "created_at", now - WINDOW), ("request_buckets", "epoch_second", now - WINDOW - 1),
+            ("token_buckets", "epoch_second", now - WINDOW - 1)))

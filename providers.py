@@ -16,6 +16,7 @@ import requests
 
 from adapters import Adapter, EchoAdapter, Endpoint, OpenAIAdapter, chunks_from_completion, loads_upstream
 from errors import ModelNotFound, UpstreamError, UpstreamTimeout
+from urlguard import public_session
 
 
 def _openai_compatible(name: str, base_url: str, *key_vars: str, base_url_vars: tuple = ()) -> OpenAIAdapter:
@@ -58,9 +59,22 @@ CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 30.0
 
 # One session per worker process: connection pools to each provider are reused across requests.
+# create_app sizes the pools and decides whether requests must consult the environment per call.
 SESSION = requests.Session()
-SESSION.mount("https://", requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=256))
-SESSION.mount("http://", requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=256))
+PUBLIC_SESSION = public_session()  # for client-chosen URLs: refuses non-public peers at connect time
+DEFAULT_POOL_SIZE = 512  # connections kept per provider host: one per gunicorn thread
+
+
+def configure_session(pool_size: int = DEFAULT_POOL_SIZE, trust_env: bool = True, ca_bundle: str | None = None) -> None:
+    """Pool up to pool_size connections per host; with trust_env False, skip requests' per-call scan
+    of proxy, CA-bundle and netrc settings (config.py keeps it only when a proxy is configured)."""
+    SESSION.trust_env = trust_env
+    SESSION.verify = ca_bundle or True
+    for prefix in ("https://", "http://"):
+        SESSION.mount(prefix, requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=pool_size))
+
+
+configure_session()
 
 
 @dataclass
@@ -162,6 +176,11 @@ class Circuit:
             self.failures, self.opened_at, self.trial_running = 0, None, False
             self.last_latency_ms = latency_ms
 
+    def release(self) -> None:
+        """The call ended without an answer from the provider (our own error): free a half-open trial."""
+        with self.lock:
+            self.trial_running = False
+
     def failure(self, message: str) -> None:
         with self.lock:
             self.requests += 1
@@ -242,17 +261,28 @@ def _translate_exception(adapter: Adapter, exc: requests.RequestException) -> Up
 
 
 def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
-    """One upstream call. Returns a completion dict, or (first_chunk, rest_iterator) for streams."""
+    """One upstream call: (a completion dict, or (first_chunk, rest_iterator) for streams, upstream seconds).
+
+    The upstream seconds run from just before the bytes go out to the end of the body (the first
+    chunk for streams): building and encoding the request, and parsing the answer, are our own time.
+    """
     adapter, model = target.route.adapter, target.route.upstream_model
     if adapter.local:
         completion = adapter.respond(body, model)
-        return completion if not stream else _first_and_rest(chunks_from_completion(completion))
+        return (completion if not stream else _first_and_rest(chunks_from_completion(completion))), 0.0
     url, headers, payload = adapter.build_request(body, model, target.endpoint, stream)
     try:
+        # Session.post's steps, spelled out so that only the send and the read are timed, and lean:
+        # the session's default headers are the only session state a provider call needs (no
+        # cookies, auth or params to merge), and the environment is consulted only if a proxy is set.
+        prepared = requests.Request("POST", url, json=payload, headers={**SESSION.headers, **headers}).prepare()
+        settings = (SESSION.merge_environment_settings(prepared.url, {}, stream, None, None) if SESSION.trust_env
+                    else {"proxies": {}, "stream": stream, "verify": SESSION.verify, "cert": None})
+        sent = time.perf_counter()
         # Redirects are never followed: a provider API does not redirect POSTs, and following one
         # could lead /execute past its private-address check.
-        resp = SESSION.post(url, json=payload, headers=headers, stream=stream,
-                            timeout=(CONNECT_TIMEOUT, read_timeout), allow_redirects=False)
+        session = PUBLIC_SESSION if target.endpoint.public_only else SESSION
+        resp = session.send(prepared, timeout=(CONNECT_TIMEOUT, read_timeout), allow_redirects=False, **settings)
     except requests.RequestException as exc:
         raise _translate_exception(adapter, exc) from None
     if not 200 <= resp.status_code < 300:
@@ -261,13 +291,15 @@ def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
         finally:
             resp.close()
     if not stream:
-        return adapter.parse_response(loads_upstream(resp.content, adapter.name), model)
+        waited = time.perf_counter() - sent  # send() has read the whole body
+        return adapter.parse_response(loads_upstream(resp.content, adapter.name), model), waited
     chunks = _guarded_stream(adapter, resp, model)
     try:
-        return _first_and_rest(chunks)
+        first_and_rest = _first_and_rest(chunks)
     except BaseException:
         chunks.close()
         raise
+    return first_and_rest, time.perf_counter() - sent
 
 
 def _guarded_stream(adapter: Adapter, resp: requests.Response, model: str) -> Iterator[dict]:
@@ -309,7 +341,7 @@ def send(targets: list[Target], body: dict, stream: bool, policy: RetryPolicy, r
             attempts += 1
             started = time.perf_counter()
             try:
-                result = _attempt(target, body, stream, read_timeout)
+                result, upstream_seconds = _attempt(target, body, stream, read_timeout)
             except UpstreamError as exc:
                 elapsed = time.perf_counter() - started
                 waited += elapsed
@@ -328,9 +360,11 @@ def send(targets: list[Target], body: dict, stream: bool, policy: RetryPolicy, r
                 if retry < policy.max_retries:
                     sleep(policy.delay(retry, exc.retry_after))
                 continue
-            elapsed = time.perf_counter() - started
-            waited += elapsed
-            circuit.success(elapsed * 1000)
+            except BaseException:  # e.g. a request the adapter cannot translate: not the provider's fault
+                circuit.release()
+                raise
+            waited += upstream_seconds
+            circuit.success((time.perf_counter() - started) * 1000)
             if stream:
                 first, rest = result
                 return Outcome(target, attempts, waited, chunks=_prepend(first, rest), failures=failures)

@@ -69,9 +69,25 @@ CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key_id, created_at);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (created_at);
 CREATE INDEX IF NOT EXISTS usage_request ON usage (request_id);
 
--- Sliding-minute rate-limit events, shared by every worker and instance.
--- tokens holds the request's prompt estimate; it stops counting once the request has a usage row
--- (matched by request_id), whose real token counts take its place.
+-- Sliding-minute rate limits, shared by every worker and instance (limits.py).
+-- Per key and per second: the requests admitted (written by admission) and the real tokens used
+-- (written with the usage rows). Two tables, so the two writers never wait on each other's rows;
+-- the minute is a sum over at most 61 rows of each however busy the key is.
+CREATE TABLE IF NOT EXISTS request_buckets (
+    key_id TEXT NOT NULL,
+    epoch_second BIGINT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, epoch_second)
+);
+CREATE TABLE IF NOT EXISTS token_buckets (
+    key_id TEXT NOT NULL,
+    epoch_second BIGINT NOT NULL,
+    tokens BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, epoch_second)
+);
+
+-- rate_events: the prompt estimate of each admitted request still waiting for its first usage row
+-- (deleted then, when its real tokens reach token_buckets); so only calls in flight are here.
 CREATE TABLE IF NOT EXISTS rate_events (
     key_id TEXT NOT NULL,
     request_id TEXT NOT NULL DEFAULT '',
@@ -79,6 +95,7 @@ CREATE TABLE IF NOT EXISTS rate_events (
     tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS rate_events_key_time ON rate_events (key_id, created_at);
+CREATE INDEX IF NOT EXISTS rate_events_request ON rate_events (request_id);
 
 -- Durable async jobs (SPEC section 7).
 CREATE TABLE IF NOT EXISTS jobs (

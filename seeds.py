@@ -17,7 +17,7 @@ import cache
 import limits
 import refine
 from adapters import Adapter, Endpoint, OpenAIAdapter
-from app import REQUEST_ID, call_headers, client, dumps, json_body, json_response, state, stream_chat
+from app import REQUEST_ID, call_headers, client, dumps, json_body, json_response, note_request, state, stream_chat
 from db import usd
 from errors import (
     APIError,
@@ -111,7 +111,7 @@ def execute_target(url: str, key: str, model: str) -> Target:
             route.input_cost_per_1k = float(row["input_cost_per_1k"] or 0)
             route.output_cost_per_1k = float(row["output_cost_per_1k"] or 0)
             break
-    return Target(route, Endpoint(url, key))
+    return Target(route, Endpoint(url, key, public_only=not state().config.allow_private_urls))
 
 
 @bp.post("/execute")
@@ -125,7 +125,7 @@ def execute():
     validate_chat(body)
     if caller.models is not None and body["model"] not in caller.models:
         raise PermissionDenied(f"This key may not use the model '{body['model']}'.", param="model")
-    g.log["model"] = body["model"]
+    note_request(body["model"], body["messages"])
     targets = [execute_target(url, key, body["model"])]
     g.rate_headers = limits.admit(state().db, caller, body, g.request_id)
     if body.get("stream"):
@@ -198,7 +198,7 @@ def api_query():
     num_calls = refine.num_calls(request.headers, state().config)
     request_key = request.headers.get("x-llm-apikey")
     names = query_models(model, task_type, caller, request_key)
-    g.log["model"] = names[0]
+    note_request(names[0], [{"role": "user", "content": query}])
     gw = state().gateway
     targets = gw.plan(names[0], names[1:], caller, request_key)
     chat = {"model": names[0], "messages": [{"role": "user", "content": query}]}
@@ -383,7 +383,7 @@ def llm_chat():
     chat = {"model": engine_model(provider, body["model"].strip()), "messages": chat_messages(body), "stream": True,
             **{k: body[k] for k in CHAT_OPTIONS if k in body}}
     validate_chat(chat)
-    g.log["model"] = chat["model"]
+    note_request(chat["model"], chat["messages"])
     gw = state().gateway
     targets = gw.plan(chat["model"], None, caller, engine_key(body, engine))
     g.rate_headers = limits.admit(state().db, caller, chat, g.request_id)

@@ -28,35 +28,43 @@ BODY = {"model": "echo", "messages": [{"role": "user", "content": "Hello there, 
 
 
 class Counter:
-    """Counts transactions and statements by wrapping Database.transaction and Tx's methods."""
+    """Counts transactions and PostgreSQL round trips by wrapping Database's and Tx's methods.
+
+    A round trip is a lone statement (Database.query/execute), a transaction statement whose result
+    is read (Tx._run, which carries BEGIN and deferred statements along) and a COMMIT with anything to send.
+    """
 
     def __init__(self):
-        self.transactions = self.statements = 0
+        self.transactions = self.trips = 0
 
     @contextmanager
     def installed(self):
-        original_tx, original_exec, original_query = dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query
+        names = [(dbmod.Database, "transaction"), (dbmod.Database, "query"), (dbmod.Database, "execute"),
+                 (dbmod.Tx, "_run"), (dbmod.Tx, "commit")]
+        originals = {(cls, name): getattr(cls, name) for cls, name in names}
         counter = self
 
         @contextmanager
         def transaction(db, immediate=False):
             counter.transactions += 1
-            with original_tx(db, immediate) as tx:
+            with originals[(dbmod.Database, "transaction")](db, immediate) as tx:
                 yield tx
 
-        def execute(tx, sql, params=()):
-            counter.statements += 1
-            return original_exec(tx, sql, params)
+        def trip(cls, name):
+            def counted(self, *args, **kwargs):
+                if name != "commit" or (self.is_pg and self._unsent != [b"BEGIN"]):
+                    counter.trips += 1
+                return originals[(cls, name)](self, *args, **kwargs)
+            return counted
 
-        def query(tx, sql, params=()):
-            counter.statements += 1
-            return original_query(tx, sql, params)
-
-        dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query = transaction, execute, query
+        dbmod.Database.transaction = transaction
+        for cls, name in names[1:]:
+            setattr(cls, name, trip(cls, name))
         try:
             yield self
         finally:
-            dbmod.Database.transaction, dbmod.Tx.execute, dbmod.Tx.query = original_tx, original_exec, original_query
+            for (cls, name), original in originals.items():
+                setattr(cls, name, original)
 
 
 def measure(url: str, n: int) -> None:
@@ -83,9 +91,8 @@ def measure(url: str, n: int) -> None:
         median, p95 = statistics.median(times), sorted(times)[int(n * 0.95)]
         added = "" if base is None else f"  (+{median - base:.3f} ms median)"
         base = median if base is None else base
-        # On PostgreSQL each transaction also costs a BEGIN and a COMMIT round trip; SQLite is in-process.
-        trips = c.statements + (2 * c.transactions if kind == "PostgreSQL" else 0)
-        print(f"  {label:15s} {c.transactions} transactions, {c.statements} statements, {trips} round trips; "
+        where = "round trips" if kind == "PostgreSQL" else "calls into SQLite (in-process)"
+        print(f"  {label:15s} {c.transactions} transactions, {c.trips} {where}; "
               f"median {median:.3f} ms, p95 {p95:.3f} ms{added}")
     app.extensions["llm_proxy"].db.close()
 

@@ -320,7 +320,7 @@ def create_key(env: dict, base: str) -> tuple[str, str]:
 
 
 def ensure_pg_database(url: str) -> str | None:
-    """Create the scratch database if missing; None when ready, else why PostgreSQL is skipped."""
+    """Create the scratch database afresh (no tables from older schemas); None when ready, else why skipped."""
     try:
         import psycopg2
     except ImportError:
@@ -335,9 +335,8 @@ def ensure_pg_database(url: str) -> str | None:
         return f"PostgreSQL unreachable ({str(exc).strip().splitlines()[0]})"
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        if cur.fetchone() is None:
-            cur.execute(f'CREATE DATABASE "{name}"')
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     return None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -221,3 +222,46 @@ def test_every_call_writes_a_usage_row(app, client):
     assert [(r["request_id"], r["provider"], r["status"]) for r in rows] == [
         ("usage-1", "echo", "ok"), ("usage-2", "echo", "ok")]
     assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in rows)
+
+
+class Lines(logging.Handler):
+    """A logging handler that keeps the proxy's log lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    handler = Lines()
+    logger = logging.getLogger("llm_proxy")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_prompts_reach_the_log_only_with_log_bodies(make_app, log_lines):
+    for log_bodies in (False, True):
+        client = make_app(log_bodies=log_bodies).test_client()
+        client.post("/v1/chat/completions", json={**HELLO, "messages": [{"role": "user", "content": "p-" + str(
+            log_bodies)}]}, headers=auth()).close()
+    access = [json.loads(line) for line in log_lines if '"path":"/v1/chat/completions"' in line]
+    assert "messages" not in access[0] and "p-False" not in log_lines[0]
+    assert access[1]["messages"] == [{"role": "user", "content": "p-True"}]
+    assert all(CLIENT_KEY not in line for line in log_lines)
+
+
+def test_an_answer_is_not_lost_when_its_usage_cannot_be_written(app, client, log_lines, monkeypatch):
+    from errors import ServiceUnavailable
+
+    def down(rows):
+        raise ServiceUnavailable("the database is unavailable")
+    monkeypatch.setattr(app.extensions["llm_proxy"].db, "record_usage", down)
+    r = client.post("/v1/chat/completions", json=HELLO, headers={**auth(), "X-Request-ID": "kept-1"})
+    assert r.status_code == 200 and r.get_json()["choices"][0]["message"]["content"] == "Hello there"
+    [line] = [json.loads(x) for x in log_lines if "usage_not_recorded" in x]
+    assert line["request_id"] == "kept-1" and line["rows"][0]["completion_tokens"] > 0

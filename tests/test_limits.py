@@ -23,6 +23,8 @@ def age_events(app, key_id: str, seconds: float) -> None:
     """Pretend the key's requests happened `seconds` earlier."""
     db = db_of(app)
     db.execute("UPDATE rate_events SET created_at = created_at - ? WHERE key_id = ?", (seconds, key_id))
+    for table in ("request_buckets", "token_buckets"):
+        db.execute(f"UPDATE {table} SET epoch_second = epoch_second - ? WHERE key_id = ?", (seconds, key_id))
     db.execute("UPDATE usage SET created_at = created_at - ? WHERE key_id = ?", (seconds, key_id))
 
 
@@ -134,8 +136,20 @@ def test_old_events_are_pruned(app, client, monkeypatch):
     age_events(app, key_id, 120)
     monkeypatch.setattr(limits, "PRUNE_CLOCK", limits.PruneClock())  # due at once
     post(client, key)
-    assert db_of(app).query_one("SELECT COUNT(*) AS n FROM rate_events")["n"] == 1
-    assert limits.prune_events(db_of(app), time.time() + 61) == 1
+    assert db_of(app).query_one("SELECT COUNT(*) AS n FROM request_buckets")["n"] == 1  # this second's
+    assert db_of(app).query_one("SELECT COUNT(*) AS n FROM token_buckets")["n"] == 1
+    assert db_of(app).query_one("SELECT COUNT(*) AS n FROM rate_events")["n"] == 0  # settled by usage rows
+    assert limits.prune_events(db_of(app), time.time() + 62) == 2
+
+
+def test_a_busy_minute_is_a_few_bucket_rows(client, app):
+    key_id, key = create_key(client, rpm_limit=1000, tpm_limit=10**9)
+    for _ in range(20):
+        assert post(client, key).status_code == 200
+    buckets = db_of(app).query_one("SELECT COUNT(*) AS n, SUM(requests) AS r FROM request_buckets WHERE key_id = ?",
+                                   (key_id,))
+    assert buckets["r"] == 20 and buckets["n"] <= 3
+    assert limits.current_window(db_of(app), key_id).requests == 20
 
 
 @pytest.mark.parametrize("rpm", [1, 5])
@@ -144,3 +158,18 @@ def test_limits_are_per_key(client, rpm):
     _, second = create_key(client, rpm_limit=rpm)
     assert [post(client, first).status_code for _ in range(rpm + 1)][-1] == 429
     assert post(client, second).status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/query", {"query": "Hi", "model": "echo"}),
+    ("/llm/chat", {"engine": "openai", "model": "gpt-4o-mini", "prompt": "Hi", "openaiKey": "sk-user"}),
+])
+def test_every_spending_endpoint_enforces_limits_and_budgets(make_app, path, body):
+    # OpenAI is "reached" on a closed local port: admitted calls fail fast, nothing leaves the machine
+    client = make_app(base_urls={"openai": "http://127.0.0.1:9/v1"}).test_client()
+    _, limited = create_key(client, rpm_limit=1)
+    _, broke = create_key(client, max_budget=0)
+    assert client.post(path, json=body, headers=auth(broke)).status_code == 402
+    assert client.post(path, json=body, headers=auth(limited)).status_code in (200, 502)  # admitted
+    refused = client.post(path, json=body, headers=auth(limited))
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "0"

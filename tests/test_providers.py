@@ -225,3 +225,15 @@ def test_compatible_providers_finish_reasons_are_mapped_to_openais(sent, expecte
     [parsed] = PROVIDERS["mistral"].parse_stream([f"data: {json.dumps(chunk)}".encode(), b"", b"data: [DONE]", b""],
                                                  "m")
     assert parsed["choices"][0]["finish_reason"] == (None if sent is None else expected)
+
+
+def test_a_request_that_cannot_be_translated_does_not_wedge_a_half_open_circuit(monkeypatch):
+    circuit = providers.CIRCUITS["openai"]
+    circuit.opened_at = 0.0  # opened long ago: half open, the next request is the trial
+
+    def untranslatable(*args):
+        raise ValueError("cannot translate")
+    monkeypatch.setattr(PROVIDERS["openai"], "build_request", untranslatable)
+    with pytest.raises(ValueError):
+        run([target()])
+    assert circuit.state == "half_open" and circuit.allow()  # the next request may still be the trial

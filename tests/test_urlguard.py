@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import urlguard
-from support import FakeOpenAI
+from support import FakeOpenAI, auth
 
 PUBLIC_IP = "93.184.216.34"
 
@@ -51,3 +51,21 @@ def test_dns_rebinding_cannot_reach_a_loopback_server(monkeypatch):
         with pytest.raises(requests.ConnectionError):
             urlguard.public_session().post(f"http://rebind.example:{server.port}/v1/hook", json={}, timeout=3)
         assert server.requests == []
+
+
+def test_execute_is_protected_from_dns_rebinding_too(make_app, monkeypatch):
+    real = socket.getaddrinfo
+    answers = iter([PUBLIC_IP])
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    client = make_app(execute_allowed_hosts=("*",)).test_client()
+    with FakeOpenAI() as server:
+        r = client.post("/execute", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers={
+            **auth(), "x-llm-endpoint": f"http://rebind.example:{server.port}/v1/chat/completions",
+            "x-llm-apikey": "k"})
+        assert r.status_code == 502 and server.requests == []
