@@ -70,3 +70,14 @@ def test_cost_is_exact_in_nano_dollars(prompt, completion, price_in, price_out, 
 
 def test_usd_strings_have_no_exponent():
     assert usd(4500) == "0.0000045" and usd(0) == "0" and usd(18_000_000_000) == "18"
+
+
+def test_a_refused_transaction_keeps_its_connection(db):
+    from errors import RateLimited
+    db.query_one("SELECT 1 AS ok")
+    with pytest.raises(RateLimited):
+        with db.transaction() as tx:
+            tx.query_one("SELECT COUNT(*) AS n FROM meta")
+            raise RateLimited("over the limit")  # e.g. admission refusing a request
+    assert db._idle.qsize() == 1  # rolled back and reused, not closed and reconnected
+    assert db.query_one("SELECT 1 AS ok") == {"ok": 1}
