@@ -69,12 +69,17 @@ def authenticate(headers, config, db) -> Caller:
     if key.startswith("sk-"):
         row = db.find_live_key(hash_key(key))
         if row is not None:
-            return Caller("virtual", key_id=row["id"], name=row["name"], rpm_limit=row["rpm_limit"],
-                          tpm_limit=row["tpm_limit"],
-                          max_budget=None if row["max_budget"] is None else float(row["max_budget"]),
-                          models=json.loads(row["models"]) if row["models"] else None,
-                          spend_nusd=int(row["spend_nusd"] or 0), has_provider_keys=bool(row["has_provider_keys"]))
+            return caller_from_row(row)
     raise AuthenticationError("Invalid API key.")
+
+
+def caller_from_row(row: dict) -> Caller:
+    """A virtual key's Caller from its api_keys row (as db.find_live_key returns it)."""
+    return Caller("virtual", key_id=row["id"], name=row["name"], rpm_limit=row["rpm_limit"],
+                  tpm_limit=row["tpm_limit"],
+                  max_budget=None if row["max_budget"] is None else float(row["max_budget"]),
+                  models=json.loads(row["models"]) if row["models"] else None,
+                  spend_nusd=int(row["spend_nusd"] or 0), has_provider_keys=bool(row["has_provider_keys"]))
 
 
 def authenticate_admin(headers, config, db) -> Caller:

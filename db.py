@@ -253,12 +253,17 @@ class Database:
 
     # -- virtual keys (lookup only; management lives with the admin API) --------------------------
 
+    LIVE_KEY_SQL = ("SELECT id, name, key_prefix, rpm_limit, tpm_limit, max_budget, models, spend_nusd, "
+                    "EXISTS (SELECT 1 FROM provider_keys p WHERE p.key_id = api_keys.id) AS has_provider_keys "
+                    "FROM api_keys WHERE revoked_at IS NULL AND ")
+
     def find_live_key(self, key_hash: str) -> dict | None:
         """The unrevoked virtual key with this SHA-256 hash, or None; also whether it has stored provider keys."""
-        return self.query_one(
-            "SELECT id, name, key_prefix, rpm_limit, tpm_limit, max_budget, models, spend_nusd, "
-            "EXISTS (SELECT 1 FROM provider_keys p WHERE p.key_id = api_keys.id) AS has_provider_keys "
-            "FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+        return self.query_one(self.LIVE_KEY_SQL + "key_hash = ?", (key_hash,))
+
+    def find_live_key_by_id(self, key_id: str) -> dict | None:
+        """The unrevoked virtual key with this id (as find_live_key returns it), or None."""
+        return self.query_one(self.LIVE_KEY_SQL + "id = ?", (key_id,))
 
     # -- usage ------------------------------------------------------------------------------------
 

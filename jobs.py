@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import requests
 
 import refine
-from auth import Caller
+from auth import Caller, caller_from_row
 from db import usd
 from errors import APIError, AuthenticationError, InvalidRequest, ValidationError
 from urlguard import check_public, host_and_port, public_session
@@ -177,15 +177,10 @@ def load_owner(db, job_owner: str) -> Caller:
     """The Caller a job runs as: its virtual key as it is now (limits, models), or the static/admin key."""
     if job_owner in ("static", "admin"):
         return Caller(job_owner, name=job_owner)
-    row = db.query_one("SELECT id, name, rpm_limit, tpm_limit, max_budget, models, spend_nusd FROM api_keys "
-                       "WHERE id = ? AND revoked_at IS NULL", (job_owner,))
+    row = db.find_live_key_by_id(job_owner)
     if row is None:
         raise AuthenticationError("The key that submitted this request has been revoked.")
-    return Caller("virtual", key_id=row["id"], name=row["name"], rpm_limit=row["rpm_limit"],
-                  tpm_limit=row["tpm_limit"],
-                  max_budget=None if row["max_budget"] is None else float(row["max_budget"]),
-                  models=json.loads(row["models"]) if row["models"] else None,
-                  spend_nusd=int(row["spend_nusd"] or 0))
+    return caller_from_row(row)
 
 
 def describe(job: dict) -> dict:
