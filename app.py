@@ -94,6 +94,7 @@ def client() -> Caller:
     s = state()
     caller = authenticate(request.headers, s.config, s.db)
     g.log["key_id"] = caller.log_id
+    g.caller = caller
     return caller
 
 

@@ -24,7 +24,7 @@ import limits
 from app import admin, client, json_body, json_response, state
 from auth import Caller, hash_key
 from db import NANO
-from errors import APIError, NotFound, PermissionDenied, ValidationError
+from errors import APIError, NotFound, PermissionDenied, ServiceUnavailable, ValidationError
 from providers import PROVIDERS
 
 bp = Blueprint("keys", __name__, url_prefix="/api")
@@ -590,8 +590,17 @@ def providers_delete(name: str):
 # -- wiring -----------------------------------------------------------------------------------------
 
 def attach_rate_headers(response):
-    """Add the x-ratelimit-* headers that admission computed for this request."""
-    response.headers.update(g.get("rate_headers") or {})
+    """x-ratelimit-* on every response to a key with limits: from admission when the request was
+    admitted, else (models, me, job status, a refused body) from the key's current minute."""
+    headers = g.get("rate_headers")
+    caller = g.get("caller")
+    if headers is None and caller is not None and caller.key_id and (
+            caller.rpm_limit is not None or caller.tpm_limit is not None):
+        try:
+            headers = limits.rate_headers(caller, limits.current_window(state().db, caller.key_id))
+        except ServiceUnavailable:  # the response itself already says what went wrong, or is fine
+            headers = None
+    response.headers.update(headers or {})
     return response
 
 

@@ -173,3 +173,16 @@ def test_every_spending_endpoint_enforces_limits_and_budgets(make_app, path, bod
     assert client.post(path, json=body, headers=auth(limited)).status_code in (200, 502)  # admitted
     refused = client.post(path, json=body, headers=auth(limited))
     assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_every_client_response_of_a_limited_key_carries_the_rate_headers(make_app):
+    client = make_app().test_client()
+    _, key = create_key(client, rpm_limit=5, tpm_limit=1000)
+    client.post("/v1/chat/completions", json=chat(), headers=auth(key))
+    for r in (client.get("/v1/models", headers=auth(key)), client.get("/api/me", headers=auth(key)),
+              client.post("/v1/chat/completions", json={"model": "echo"}, headers=auth(key))):  # a 400
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        assert r.headers["x-ratelimit-remaining-requests"] == "4"  # only the admitted call counts
+        assert r.headers["x-ratelimit-limit-tokens"] == "1000"
+    _, unlimited = create_key(client)
+    assert "x-ratelimit-limit-requests" not in client.get("/v1/models", headers=auth(unlimited)).headers
