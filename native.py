@@ -164,6 +164,14 @@ def iso_timestamp(value) -> int:
         return 0
 
 
+def merge_turn(turns: list[dict], role: str, key: str, items: list[dict]) -> None:
+    """Append a turn, or extend the last one when it has the same role (both APIs want roles to alternate)."""
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(items)
+    else:
+        turns.append({"role": role, key: items})
+
+
 def model_entry(provider: str, model_id: str, created: int, owned_by: str) -> dict:
     """One OpenAI model object, named `<provider>/<id>` so that it routes back to the provider."""
     return {"id": f"{provider}/{model_id}", "object": "model", "created": created, "owned_by": owned_by}
@@ -224,10 +232,7 @@ class AnthropicAdapter(Adapter):
                     continue  # Anthropic rejects empty assistant turns
             else:
                 role, blocks = "user", self.blocks(msg.get("content"))
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"].extend(blocks)
-            else:
-                turns.append({"role": role, "content": blocks})
+            merge_turn(turns, role, "content", blocks)
         return turns
 
     def blocks(self, content) -> list[dict]:
@@ -394,10 +399,7 @@ class GeminiAdapter(Adapter):
                 role, parts = "user", self.parts(msg.get("content"))
             if not parts:
                 continue  # Gemini rejects contents without parts
-            if contents and contents[-1]["role"] == role:
-                contents[-1]["parts"].extend(parts)
-            else:
-                contents.append({"role": role, "parts": parts})
+            merge_turn(contents, role, "parts", parts)
         return contents
 
     def parts(self, content) -> list[dict]:
