@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import providers
@@ -46,7 +46,6 @@ class StreamState:
     cost_nusd: int = 0
     error: UpstreamError | None = None
     finished: bool = False
-    text: list[str] = field(default_factory=list)
 
 
 class Gateway:
@@ -180,7 +179,6 @@ class Gateway:
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
                         state.completion_chars += len(delta["content"])
-                        state.text.append(delta["content"])
                     for call in delta.get("tool_calls") or ():
                         state.completion_chars += len(((call.get("function") or {}).get("arguments")) or "")
                 yield chunk
