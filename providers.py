@@ -5,14 +5,23 @@ Adapters (adapters.py, native.py) only translate.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import requests
+from requests.adapters import HTTPAdapter
+from requests.auth import _basic_auth_str
+from requests.exceptions import InvalidJSONError
+from requests.models import PreparedRequest
+from requests.structures import CaseInsensitiveDict
+from requests.utils import check_header_validity, get_auth_from_url, get_encoding_from_headers
 
 from adapters import Adapter, EchoAdapter, Endpoint, OpenAIAdapter, chunks_from_completion, loads_upstream
 from errors import ModelNotFound, UpstreamError, UpstreamTimeout
@@ -58,6 +67,70 @@ CONNECT_TIMEOUT = 10.0
 CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 30.0
 
+
+class LeanAdapter(HTTPAdapter):
+    """requests' HTTPAdapter without the per-call work a provider call does not need.
+
+    send() is requests' own, so whatever patches HTTPAdapter.send (the tests' `responses`) still sees
+    every upstream call. Around it: the Response is built bare (no cookie extraction, no charset
+    lookup: _status_error sets the encoding when it needs the text), and without a proxy the
+    connection pool for a URL is looked up once, not on every call.
+    """
+
+    MAX_POOLS = 256  # cached (url, verify, cert) -> pool entries; the cache starts over when full
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pools: dict[tuple, object] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._pools = {}
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        """The pool requests would pick, remembered per (URL, verify, cert) when no proxy is involved."""
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        key = (request.url, verify, cert)
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:  # not seen yet, or the pool manager has closed it since
+            pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+            if len(self._pools) >= self.MAX_POOLS:
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
+
+    def request_url(self, request, proxies) -> str:
+        """The path to send (requests' own answer), worked out once per URL when no proxy is involved."""
+        if proxies:
+            return super().request_url(request, proxies)
+        return _path_url(request.url)
+
+    def build_response(self, req, resp) -> requests.Response:
+        """A Response over urllib3's: status, headers (already case-insensitive), reason and the raw stream."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+    def close(self) -> None:
+        self._pools.clear()
+        super().close()
+
+
+@lru_cache(maxsize=1024)
+def _path_url(url: str) -> str:
+    """A URL's path and query, as requests sends them without a proxy (PreparedRequest.path_url)."""
+    prepared = PreparedRequest()
+    prepared.url = url
+    return prepared.path_url
+
+
 # One session per worker process: connection pools to each provider are reused across requests.
 # create_app sizes the pools and decides whether requests must consult the environment per call.
 SESSION = requests.Session()
@@ -71,7 +144,7 @@ def configure_session(pool_size: int = DEFAULT_POOL_SIZE, trust_env: bool = True
     SESSION.trust_env = trust_env
     SESSION.verify = ca_bundle or True
     for prefix in ("https://", "http://"):
-        SESSION.mount(prefix, requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=pool_size))
+        SESSION.mount(prefix, LeanAdapter(pool_connections=32, pool_maxsize=pool_size))
 
 
 configure_session()
@@ -236,6 +309,8 @@ def parse_retry_after(value: str | None) -> float | None:
 def _status_error(adapter: Adapter, resp: requests.Response) -> UpstreamError:
     """Turn an upstream non-2xx answer into our error, keeping its status and message."""
     status = resp.status_code
+    if resp.encoding is None:  # LeanAdapter leaves it unset; decode the text as requests would
+        resp.encoding = get_encoding_from_headers(resp.headers)
     try:
         message = adapter.error_message(resp.json())
     except ValueError:
@@ -260,6 +335,64 @@ def _translate_exception(adapter: Adapter, exc: requests.RequestException) -> Up
     return UpstreamError(f"request to {adapter.name} failed ({type(exc).__name__})")
 
 
+@lru_cache(maxsize=1024)
+def _upstream_url(url: str) -> tuple[str, str | None]:
+    """requests' own preparation of a URL (quoting, IDNA, validation), once per distinct URL, and the
+    Basic Authorization requests would derive from credentials in it (None without any)."""
+    prepared = PreparedRequest()
+    prepared.prepare_url(url, None)
+    user, password = get_auth_from_url(prepared.url)
+    return prepared.url, (_basic_auth_str(user, password) if user or password else None)
+
+
+@lru_cache(maxsize=4096)
+def _check_header(name: str, value: str) -> None:
+    """requests' check of a header (InvalidHeader for a newline or leading space), once per distinct header."""
+    check_header_validity((name, value))
+
+
+def _json_body(payload: dict) -> bytes:
+    """The payload as JSON, refused like requests' json= refuses it (NaN, infinities), but compact and in
+    UTF-8 rather than ASCII escapes."""
+    try:
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise InvalidJSONError(exc) from None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the client's JSON): escape it, as requests does
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _prepare(url: str, headers: dict, payload: dict) -> PreparedRequest:
+    """What requests.Request("POST", url, json=payload, headers=...).prepare() builds, with less work:
+    the URL is prepared once per distinct URL, the body encoded once, the session's default headers
+    first, then the adapter's (each checked as requests checks them)."""
+    url, basic_auth = _upstream_url(url)
+    merged = CaseInsensitiveDict()
+    for name, value in (*SESSION.headers.items(), *headers.items()):
+        _check_header(name, value)
+        merged[name] = value
+    prepared = PreparedRequest()
+    prepared.method, prepared.url, prepared.body = "POST", url, _json_body(payload)
+    if "content-type" not in merged:
+        merged["Content-Type"] = "application/json"
+    merged["Content-Length"] = str(len(prepared.body))
+    if basic_auth:
+        merged["Authorization"] = basic_auth
+    prepared.headers = merged
+    return prepared
+
+
+def _read_body(resp: requests.Response) -> bytes:
+    """The whole body (requests' Response.content, with its error mapping), then the connection is
+    released: back to the pool after a full read, closed after a failed one."""
+    try:
+        return resp.content
+    finally:
+        resp.close()
+
+
 def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
     """One upstream call: (a completion dict, or (first_chunk, rest_iterator) for streams, upstream seconds).
 
@@ -272,27 +405,31 @@ def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
         return (completion if not stream else _first_and_rest(chunks_from_completion(completion))), 0.0
     url, headers, payload = adapter.build_request(body, model, target.endpoint, stream)
     try:
-        # Session.post's steps, spelled out so that only the send and the read are timed, and lean:
-        # the session's default headers are the only session state a provider call needs (no
-        # cookies, auth or params to merge), and the environment is consulted only if a proxy is set.
-        prepared = requests.Request("POST", url, json=payload, headers={**SESSION.headers, **headers}).prepare()
-        settings = (SESSION.merge_environment_settings(prepared.url, {}, stream, None, None) if SESSION.trust_env
-                    else {"proxies": {}, "stream": stream, "verify": SESSION.verify, "cert": None})
-        sent = time.perf_counter()
-        # Redirects are never followed: a provider API does not redirect POSTs, and following one
+        # Session.post's steps, cut down to what a provider call needs: the session's default headers
+        # are its only session state (no cookies, auth or params to merge), and the environment is
+        # consulted only if a proxy is set. The transport adapter's send() is called directly, so
+        # redirects are never followed: a provider API does not redirect POSTs, and following one
         # could lead /execute past its private-address check.
-        session = PUBLIC_SESSION if target.endpoint.public_only else SESSION
-        resp = session.send(prepared, timeout=(CONNECT_TIMEOUT, read_timeout), allow_redirects=False, **settings)
+        prepared = _prepare(url, headers, payload)
+        transport = (PUBLIC_SESSION if target.endpoint.public_only else SESSION).get_adapter(prepared.url)
+        if SESSION.trust_env:
+            settings = SESSION.merge_environment_settings(prepared.url, {}, stream, None, None)
+            verify, cert, proxies = settings["verify"], settings["cert"], settings["proxies"]
+        else:
+            verify, cert, proxies = SESSION.verify, None, {}
+        sent = time.perf_counter()
+        resp = transport.send(prepared, stream=True, timeout=(CONNECT_TIMEOUT, read_timeout), verify=verify,
+                              cert=cert, proxies=proxies)
+        if not 200 <= resp.status_code < 300:
+            _read_body(resp)  # here, where a dropped connection is still a failed request
+            raise _status_error(adapter, resp)
+        if not stream:
+            content = _read_body(resp)
+            waited = time.perf_counter() - sent
     except requests.RequestException as exc:
         raise _translate_exception(adapter, exc) from None
-    if not 200 <= resp.status_code < 300:
-        try:
-            raise _status_error(adapter, resp)
-        finally:
-            resp.close()
     if not stream:
-        waited = time.perf_counter() - sent  # send() has read the whole body
-        return adapter.parse_response(loads_upstream(resp.content, adapter.name), model), waited
+        return adapter.parse_response(loads_upstream(content, adapter.name), model), waited
     chunks = _guarded_stream(adapter, resp, model)
     try:
         first_and_rest = _first_and_rest(chunks)
@@ -303,13 +440,46 @@ def _attempt(target: Target, body: dict, stream: bool, read_timeout: float):
 
 
 def _guarded_stream(adapter: Adapter, resp: requests.Response, model: str) -> Iterator[dict]:
-    """Relay the adapter's chunks; a dropped connection becomes an UpstreamError; always close upstream."""
+    """Relay the adapter's chunks; a dropped connection becomes an UpstreamError; always release upstream.
+
+    Once the adapter has seen the stream's end, the rest of the body (the end of the chunked encoding)
+    is read too, so the connection goes back to the pool: the next call skips a TCP and TLS handshake.
+    A stream given up early (the client went away, an error) is closed, never handed out again.
+    """
+    lines = resp.iter_lines(chunk_size=None)
     try:
-        yield from adapter.parse_stream(resp.iter_lines(chunk_size=None), model)
+        yield from adapter.parse_stream(lines, model)
+        _read_to_end(resp, lines)
     except requests.RequestException as exc:
         raise _translate_exception(adapter, exc) from None
     finally:
-        resp.close()
+        resp.close()  # back to the pool when read to the end, else closed
+
+
+STREAM_TAIL_LINES = 8     # lines that may follow a stream's end marker (blank ones, say) before the body ends
+STREAM_TAIL_TIMEOUT = 0.25  # seconds to wait for them; a provider that keeps the body open loses its reuse
+
+
+def _read_to_end(resp: requests.Response, lines: Iterator[bytes]) -> None:
+    """Read what little follows the end marker, briefly, so the body counts as consumed (requests then
+    releases the connection to the pool instead of closing it); give up quietly otherwise."""
+    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    timeout = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(STREAM_TAIL_TIMEOUT)
+        for _ in itertools.islice(lines, STREAM_TAIL_LINES):
+            pass
+    except (requests.RequestException, OSError):
+        pass  # not consumed: resp.close() closes the connection
+    finally:
+        # Read to the end, the connection is back in the pool and maybe another call's already (which
+        # urllib3 gave its own timeout); only a connection still ours gets its timeout back.
+        if sock is not None and getattr(resp.raw, "connection", None) is not None:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
 
 
 def _first_and_rest(chunks: Iterator[dict]):

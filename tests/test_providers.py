@@ -237,3 +237,86 @@ def test_a_request_that_cannot_be_translated_does_not_wedge_a_half_open_circuit(
     with pytest.raises(ValueError):
         run([target()])
     assert circuit.state == "half_open" and circuit.allow()  # the next request may still be the trial
+
+
+# --- the lean upstream call (providers._prepare / LeanAdapter): what requests did, kept ----------
+
+GEMINI_ANSWER = {"candidates": [{"content": {"parts": [{"text": "Hi."}], "role": "model"}, "finishReason": "STOP",
+                                 "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}}
+
+
+@pytest.mark.parametrize("provider, base, model, url", [
+    ("gemini", "https://generativelanguage.googleapis.com", "my model|ä",
+     "https://generativelanguage.googleapis.com/v1beta/models/my%20model%7C%C3%A4:generateContent"),
+    ("azure", "https://res.openai.azure.com", "dep loy",
+     "https://res.openai.azure.com/openai/deployments/dep%20loy/chat/completions?api-version=2024-10-21"),
+])
+@responses.activate
+def test_model_names_in_the_path_are_quoted_as_requests_quotes_them(provider, base, model, url):
+    responses.post(url, json=GEMINI_ANSWER if provider == "gemini" else completion_body())
+    outcome = run([Target(Route(model, provider, model), Endpoint(base, "k"))])
+    assert responses.calls[0].request.url == url
+    assert outcome.completion["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("base, name", [("api.openai.com/v1?key=sk-secret", "MissingSchema"),
+                                        ("https:///v1?key=sk-secret", "InvalidURL"),
+                                        ("https://api.openai.com:99999/v1?key=sk-secret", "InvalidURL"),
+                                        ("ftp://api.openai.com/v1?key=sk-secret", "InvalidSchema")])
+@responses.activate
+def test_an_invalid_base_url_is_a_clean_upstream_error(base, name):
+    with pytest.raises(UpstreamError) as info:
+        run([target(base=base)])
+    assert info.value.status == 502 and info.value.message == f"request to openai failed ({name})"
+    assert "sk-secret" not in json.dumps(info.value.to_dict())
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_body_is_compact_utf8_json_and_nan_is_refused_as_requests_refused_it():
+    responses.post(f"{BASE}/chat/completions", json=completion_body())
+    messages = [{"role": "user", "content": "Grüß dich \u2603"}]
+    run([target()], body={"model": "gpt-4o-mini", "messages": messages})
+    sent = responses.calls[0].request
+    assert "Grüß dich \u2603".encode() in sent.body and json.loads(sent.body)["messages"] == messages
+    assert sent.headers["content-length"] == str(len(sent.body)) and sent.headers["content-type"] == "application/json"
+    lone = [{"role": "user", "content": "half a pair \ud83d"}]  # valid JSON from a client, not encodable as UTF-8
+    run([target()], body={"model": "gpt-4o-mini", "messages": lone})
+    assert json.loads(responses.calls[1].request.body)["messages"] == lone
+    with pytest.raises(UpstreamError, match=r"\(InvalidJSONError\)"):
+        run([target()], body={"model": "gpt-4o-mini", "messages": messages, "temperature": float("nan")})
+    assert len(responses.calls) == 2  # nothing went out
+
+
+@responses.activate
+def test_credentials_in_the_base_url_become_basic_auth_as_with_requests():
+    answer = {"model": "llama3.2", "done": True, "message": {"role": "assistant", "content": "Hi"}}
+    responses.post("http://user:pa%20ss@localhost:11434/api/chat", json=answer)
+    run([Target(Route("llama3.2", "ollama", "llama3.2"), Endpoint("http://user:pa%20ss@localhost:11434"))])
+    assert responses.calls[0].request.headers["Authorization"] == "Basic dXNlcjpwYSBzcw=="
+
+
+@responses.activate
+def test_a_newline_in_a_key_is_refused_before_anything_is_sent():
+    with pytest.raises(UpstreamError, match=r"\(InvalidHeader\)"):
+        run([target(key="sk-up\r\nX-Injected: 1")])
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_public_only_targets_go_through_the_public_only_adapter():
+    responses.post("https://hooks.example.com/v1/chat/completions", json=completion_body())
+    t = Target(Route("gpt-4o-mini", "openai", "gpt-4o-mini"),
+               Endpoint("https://hooks.example.com/v1", "sk", public_only=True))
+    assert run([t]).completion["usage"]["total_tokens"] == 15
+    assert isinstance(responses.calls[0].response.connection, providers.PUBLIC_SESSION.get_adapter("https://").__class__)
+
+
+@responses.activate
+def test_error_body_text_is_surfaced_when_it_is_not_json():
+    responses.post(f"{BASE}/chat/completions", status=400, body="Modèle inconnu: gpt-5x",
+                   content_type="text/plain; charset=utf-8")
+    with pytest.raises(UpstreamError) as info:
+        run([target()])
+    assert info.value.message == "openai returned 400: Modèle inconnu: gpt-5x"
