@@ -89,10 +89,10 @@ def json_body() -> dict:
     return body
 
 
-def client() -> Caller:
-    """Authenticate a client-API caller (static key, admin key or virtual key)."""
+def client(spending: bool = False) -> Caller:
+    """Authenticate a client-API caller (static key, admin key or virtual key); spending: see authenticate."""
     s = state()
-    caller = authenticate(request.headers, s.config, s.db)
+    caller = authenticate(request.headers, s.config, s.db, spending)
     g.log["key_id"] = caller.log_id
     g.caller = caller
     return caller
@@ -129,7 +129,7 @@ def call_headers(route, attempts: int, cost_nusd: int, upstream_seconds: float) 
 
 def chat_completions():
     """POST /v1/chat/completions: authenticate, validate, route, call, respond (or stream)."""
-    caller = client()
+    caller = client(spending=True)
     body = json_body()
     validate_chat(body)
     num_calls = refine.num_calls(request.headers, state().config)

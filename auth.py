@@ -59,15 +59,27 @@ def _same(a: str | None, b: str) -> bool:
     return a is not None and hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
-def authenticate(headers, config, db) -> Caller:
-    """Resolve the presented key to a Caller, or raise 401."""
+def authenticate(headers, config, db, spending: bool = False) -> Caller:
+    """Resolve the presented key to a Caller, or raise 401.
+
+    spending=True (chat and the other calling endpoints) may reuse a rate-limited key's row read in the
+    last few seconds (db.KeyRows): those keys are admitted by limits.admit, whose statement re-reads
+    revocation and spend, so a revoked or spent key is still refused at once; edits of limits, models
+    or provider keys reach other workers within KEY_ROWS_TTL, as model edits do. Everything else, and
+    keys without rate limits (whose only check this lookup is), reads the database every time.
+    """
     key = presented_key(headers)
     if _same(config.admin_api_key, key):
         return Caller("admin", name="admin")
     if _same(config.api_key, key):
         return Caller("static", name="api_key")
     if key.startswith("sk-"):
-        row = db.find_live_key(hash_key(key))
+        key_hash = hash_key(key)
+        row = db.key_rows.get(key_hash) if spending else None
+        if row is None:
+            row = db.find_live_key(key_hash)
+            if row is not None and spending and (row["rpm_limit"] is not None or row["tpm_limit"] is not None):
+                db.key_rows.put(key_hash, row)
         if row is not None:
             return caller_from_row(row)
     raise AuthenticationError("Invalid API key.")

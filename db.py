@@ -6,6 +6,7 @@ pooled connections serve hundreds of concurrent streams.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,14 +19,26 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Iterator
 
 from errors import ServiceUnavailable
+from usage import UsageWriter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POOL_TIMEOUT = 10.0  # seconds to wait for a free connection before answering 503
+KEY_ROWS_TTL = 5.0  # seconds a rate-limited key's row may be reused (auth.py); like the model catalog
+KEY_ROWS_MAX = 10_000
 NANO = Decimal(1_000_000_000)
 
 try:
     import psycopg2
+    import psycopg2.errors
+    import psycopg2.extensions
     DB_ERRORS: tuple = (sqlite3.OperationalError, psycopg2.OperationalError, psycopg2.InterfaceError)
+
+    class PGConnection(psycopg2.extensions.connection):
+        """A PostgreSQL connection that remembers which statements it has prepared (Database.query)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.prepared: set[str] = set()
 except ImportError:  # pragma: no cover - psycopg2-binary is in requirements.txt
     psycopg2 = None
     DB_ERRORS = (sqlite3.OperationalError,)
@@ -34,6 +47,17 @@ except ImportError:  # pragma: no cover - psycopg2-binary is in requirements.txt
 @functools.lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_prepared(sql: str, name: str) -> tuple[str, str]:
+    """(PREPARE text for the last statement of sql, the sql to send instead: the statements before
+    it, then EXECUTE with its parameters). Our SQL has no `?` or `; ` inside string literals."""
+    *lead, last = sql.split("; ")
+    parts = last.split("?")
+    numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+    execute = f"EXECUTE {name} ({', '.join('?' * (len(parts) - 1))})" if len(parts) > 1 else f"EXECUTE {name}"
+    return f"PREPARE {name} AS {numbered}", _pg_sql("; ".join([*lead, execute]))
 
 
 def _rows(cur) -> list[dict]:
@@ -87,6 +111,18 @@ class Tx:
         with self.conn.cursor() as cur:
             self._unsent.append(cur.mogrify(_pg_sql(sql), params))
 
+    def defer_many(self, sql: str, rows: list) -> None:
+        """defer() for many parameter rows: one executemany on SQLite (one call, not one per row)."""
+        if not self.is_pg:
+            cur = self.conn.cursor()
+            try:
+                cur.executemany(sql, rows)
+            finally:
+                cur.close()
+            return
+        for params in rows:
+            self.defer(sql, params)
+
     def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
         cur = self.conn.cursor()
         try:
@@ -110,10 +146,35 @@ class Tx:
     def rollback(self) -> None:
         if not self.is_pg:
             self.conn.rollback()
-        elif not self._unsent or self._unsent[0] != b"BEGIN":  # BEGIN went out: end the transaction
-            with self.conn.cursor() as cur:
+        elif self.conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with self.conn.cursor() as cur:  # BEGIN went out (maybe with a failed COMMIT batch): end it
                 cur.execute("ROLLBACK")
         self._unsent = []
+
+
+class KeyRows:
+    """Rows of virtual keys, by key hash, as read within the last KEY_ROWS_TTL seconds (see auth.py for
+    which keys and endpoints may use them); admin edits in this process forget a key at once."""
+
+    def __init__(self, ttl: float = KEY_ROWS_TTL):
+        self.ttl = ttl
+        self._rows: dict[str, tuple[float, dict]] = {}
+
+    def get(self, key_hash: str) -> dict | None:
+        entry = self._rows.get(key_hash)
+        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, row: dict) -> None:
+        if len(self._rows) >= KEY_ROWS_MAX:
+            self._rows.clear()
+        self._rows[key_hash] = (time.monotonic(), row)
+
+    def forget(self, key_id: str) -> None:
+        for key_hash, (_, row) in list(self._rows.items()):
+            if row["id"] == key_id:
+                self._rows.pop(key_hash, None)
 
 
 class Database:
@@ -128,10 +189,17 @@ class Database:
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(pool_size)
         self.path = None if self.is_pg else _sqlite_path(url)
+        self.key_rows = KeyRows()
+        self._vacuum_refused = False
+        # SQLite lets one connection write at a time; the others sleep in its busy handler (1 ms,
+        # then longer) until they get through. Threads of this process queue here instead, and are
+        # woken the moment the writer before them commits.
+        self._sqlite_writes = threading.RLock() if not self.is_pg else contextlib.nullcontext()
+        self.usage = UsageWriter(self)  # usage rows are queued and written off the critical path (usage.py)
 
     def _connect(self):
         if self.is_pg:
-            conn = psycopg2.connect(self.url, connect_timeout=5)
+            conn = psycopg2.connect(self.url, connect_timeout=5, connection_factory=PGConnection)
             conn.autocommit = True  # a lone statement is its own transaction; Tx spells out the others
             return conn
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -175,13 +243,14 @@ class Database:
             self._slots.release()
 
     @contextmanager
-    def transaction(self, immediate: bool = False) -> Iterator[Tx]:
+    def transaction(self, immediate: bool = False, read_only: bool = False) -> Iterator[Tx]:
         """Borrow a connection and run one transaction; commit on success, roll back on error.
 
         immediate=True takes SQLite's write lock at BEGIN, so read-then-write sequences (rate
         limits, job claims) serialise; on PostgreSQL use SELECT ... FOR UPDATE in the SQL instead.
+        read_only=True (a consistent read of several statements) does not queue behind writers.
         """
-        with self._connection() as conn:
+        with contextlib.nullcontext() if read_only else self._sqlite_writes, self._connection() as conn:
             if not self.is_pg:
                 conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             tx = Tx(conn, self.is_pg)
@@ -194,27 +263,61 @@ class Database:
 
     # One statement needs no BEGIN/COMMIT: it runs on its own (autocommit), one round trip on PostgreSQL.
 
-    def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
+    def query(self, sql: str, params: tuple | list = (), prepare: str | None = None) -> list[dict]:
+        """Run sql (one statement, or several separated by "; ") and return the last one's rows.
+
+        prepare names a hot statement: on PostgreSQL its last statement is prepared once per
+        connection (PREPARE), so the server parses and plans it once, not on every call.
+        """
         with self._connection() as conn, closing(conn.cursor()) as cur:
-            cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
+            if not self.is_pg:
+                cur.execute(sql, params)
+            elif prepare is None:
+                cur.execute(_pg_sql(sql), params)
+            else:
+                statement, sql = _pg_prepared(sql, prepare)
+                if prepare not in conn.prepared:
+                    cur.execute(statement)
+                    conn.prepared.add(prepare)
+                try:
+                    cur.execute(sql, params)
+                except psycopg2.errors.InvalidSqlStatementName:  # gone (DISCARD ALL, a pooler): again
+                    cur.execute(statement)
+                    cur.execute(sql, params)
             return _rows(cur)
 
-    def query_one(self, sql: str, params: tuple | list = ()) -> dict | None:
-        rows = self.query(sql, params)
+    def query_one(self, sql: str, params: tuple | list = (), prepare: str | None = None) -> dict | None:
+        rows = self.query(sql, params, prepare)
         return rows[0] if rows else None
 
     def execute(self, sql: str, params: tuple | list = ()) -> int:
-        with self._connection() as conn, closing(conn.cursor()) as cur:
+        with self._sqlite_writes, self._connection() as conn, closing(conn.cursor()) as cur:
             cur.execute(_pg_sql(sql) if self.is_pg else sql, params)
             return cur.rowcount
 
     def close(self) -> None:
-        """Close idle connections (tests, shutdown)."""
+        """Write the queued usage rows, then close idle connections (tests, shutdown)."""
+        self.usage.close()
         while True:
             try:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 return
+
+    def vacuum_churn(self) -> None:
+        """PostgreSQL: VACUUM rate_events, which every limited call inserts into and its usage write
+        deletes from. Its dead rows would otherwise pile up in the index admission reads until an
+        autovacuum comes by (a minute at best; never where autovacuum is off). The usage writer calls
+        this every few seconds, off the critical path. A user that does not own the table gets only a
+        warning from PostgreSQL (the table is skipped); any error stops the attempts."""
+        if not self.is_pg or self._vacuum_refused:
+            return
+        try:
+            self.execute("VACUUM rate_events")
+        except ServiceUnavailable:
+            pass
+        except psycopg2.Error:  # e.g. not the table's owner: autovacuum has to do
+            self._vacuum_refused = True
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -279,31 +382,33 @@ class Database:
         spend: dict[str, int] = {}
         tokens: dict[tuple[str, int], int] = {}
         settled: set[str] = set()
+        inserts = []
+        for r in rows:
+            created = r.get("created_at", now)
+            prompt, completion = int(r.get("prompt_tokens", 0)), int(r.get("completion_tokens", 0))
+            inserts.append((r["request_id"], r.get("key_id"), r["model"], r["provider"], prompt, completion,
+                            int(r.get("cost_nusd", 0)), float(r.get("latency_ms", 0)), r.get("status", "ok"),
+                            1 if r.get("cached") else 0, created))
+            if r.get("key_id"):
+                spend[r["key_id"]] = spend.get(r["key_id"], 0) + int(r.get("cost_nusd", 0))
+                bucket = (r["key_id"], int(created))
+                tokens[bucket] = tokens.get(bucket, 0) + prompt + completion
+                settled.add(r["request_id"])
+        # A handful of statements however many rows: on SQLite each call into it lets the GIL go and
+        # must win it back, while this transaction holds the database's write lock.
         with self.transaction() as tx:
-            for r in rows:
-                created = r.get("created_at", now)
-                prompt, completion = int(r.get("prompt_tokens", 0)), int(r.get("completion_tokens", 0))
-                tx.defer(
-                    "INSERT INTO usage (request_id, key_id, model, provider, prompt_tokens, completion_tokens, "
-                    "cost_nusd, latency_ms, status, cached, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["request_id"], r.get("key_id"), r["model"], r["provider"], prompt, completion,
-                     int(r.get("cost_nusd", 0)), float(r.get("latency_ms", 0)), r.get("status", "ok"),
-                     1 if r.get("cached") else 0, created))
-                if r.get("key_id"):
-                    spend[r["key_id"]] = spend.get(r["key_id"], 0) + int(r.get("cost_nusd", 0))
-                    bucket = (r["key_id"], int(created))
-                    tokens[bucket] = tokens.get(bucket, 0) + prompt + completion
-                    settled.add(r["request_id"])
-            for key_id, cost in spend.items():
-                if cost:
-                    tx.defer("UPDATE api_keys SET spend_nusd = spend_nusd + ? WHERE id = ?", (cost, key_id))
-            for (key_id, second), used in tokens.items():
-                if used:
-                    tx.defer("INSERT INTO token_buckets (key_id, epoch_second, tokens) VALUES (?, ?, ?) "
-                             "ON CONFLICT (key_id, epoch_second) DO UPDATE SET tokens = token_buckets.tokens + "
-                             "excluded.tokens", (key_id, second, used))
-            for request_id in settled:
-                tx.defer("DELETE FROM rate_events WHERE request_id = ?", (request_id,))
+            tx.defer_many("INSERT INTO usage (request_id, key_id, model, provider, prompt_tokens, completion_tokens, "
+                          "cost_nusd, latency_ms, status, cached, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          inserts)
+            tx.defer_many("UPDATE api_keys SET spend_nusd = spend_nusd + ? WHERE id = ?",
+                          [(cost, key_id) for key_id, cost in spend.items() if cost])
+            tx.defer_many("INSERT INTO token_buckets (key_id, epoch_second, tokens) VALUES (?, ?, ?) "
+                          "ON CONFLICT (key_id, epoch_second) DO UPDATE SET tokens = token_buckets.tokens + "
+                          "excluded.tokens", [(key, second, used) for (key, second), used in tokens.items() if used])
+            ids = sorted(settled)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                tx.defer(f"DELETE FROM rate_events WHERE request_id IN ({', '.join('?' * len(chunk))})", chunk)
 
 
 def cost_nusd(prompt_tokens: int, completion_tokens: int, input_per_1k: float, output_per_1k: float) -> int:

@@ -5,8 +5,6 @@ so routing, keys, retries, fallback and usage rows behave the same everywhere.
 """
 from __future__ import annotations
 
-import json
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,10 +14,9 @@ import providers
 from adapters import Endpoint, estimate_tokens
 from auth import Caller
 from db import cost_nusd
-from errors import ModelNotFound, PermissionDenied, ProviderNotConfigured, ServiceUnavailable, UpstreamError
+from errors import ModelNotFound, PermissionDenied, ProviderNotConfigured, UpstreamError
 from providers import PROVIDERS, Outcome, Route, Target
 
-log = logging.getLogger("llm_proxy")
 CATALOG_TTL = 5.0  # seconds; admin edits to models/providers reach every worker within this
 
 
@@ -202,24 +199,34 @@ class Gateway:
     @staticmethod
     def cost(route: Route, usage: dict) -> int:
         """Nano-dollars for this usage at the route's prices."""
-        return cost_nusd(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+        return cost_nusd(tokens(usage, "prompt_tokens"), tokens(usage, "completion_tokens"),
                          route.input_cost_per_1k, route.output_cost_per_1k)
 
     def record(self, request_id: str, caller: Caller | None, failures: list[dict], route: Route | None,
                usage: dict | None, started: float, cost: int = 0, status: str = "ok", cached: bool = False) -> None:
-        """Write one usage row per failed attempt and one for the answer, with the key's spend, at once."""
-        key_id = caller.key_id if caller else None
+        """Queue one usage row per failed attempt and one for the answer; the writer adds them and the
+        key's spend in one transaction, just after the response (usage.py)."""
+        key_id, now = (caller.key_id if caller else None), time.time()
         rows = [{"request_id": request_id, "key_id": key_id, "model": f["model"], "provider": f["provider"],
-                 "status": "error", "latency_ms": f.get("latency_ms", 0)} for f in failures]
+                 "status": "error", "latency_ms": f.get("latency_ms", 0), "created_at": now} for f in failures]
         if route is not None:
             rows.append({"request_id": request_id, "key_id": key_id, "model": route.name, "provider": route.provider,
-                         "prompt_tokens": (usage or {}).get("prompt_tokens") or 0,
-                         "completion_tokens": (usage or {}).get("completion_tokens") or 0,
+                         "prompt_tokens": tokens(usage, "prompt_tokens"),
+                         "completion_tokens": tokens(usage, "completion_tokens"),
                          "cost_nusd": cost, "latency_ms": (time.perf_counter() - started) * 1000,
-                         "status": status, "cached": cached})
-        try:
-            self.db.record_usage(rows)
-        except ServiceUnavailable:
-            # The provider has answered (and charged); the client still gets the answer. The rows go
-            # to the log instead, to be reconciled when the database is back.
-            log.error(json.dumps({"event": "usage_not_recorded", "request_id": request_id, "rows": rows}, default=str))
+                         "status": status, "cached": cached, "created_at": now})
+        self.db.usage.submit(rows)
+
+
+MAX_TOKENS = 2**31 - 1  # the usage table's INTEGER columns
+
+
+def tokens(usage: dict | None, name: str) -> int:
+    """A token count as costed and recorded: a whole number from 0 to MAX_TOKENS, whatever the provider
+    (or a client-chosen /execute endpoint) reported, so a negative count cannot lower a key's spend
+    and an absurd one cannot fail the usage batch it is written with."""
+    try:
+        value = int((usage or {}).get(name) or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return min(max(value, 0), MAX_TOKENS)

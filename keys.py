@@ -102,7 +102,7 @@ def insert_key(db, name: str, limits_: dict) -> tuple[str, str]:
 def find_keys(db, key_id: str | None = None) -> list[dict]:
     """Every virtual key (or the one with this id), newest first, with its stored providers' names."""
     where, params = ("WHERE id = ?", (key_id,)) if key_id else ("", ())
-    with db.transaction() as tx:
+    with db.transaction(read_only=True) as tx:
         rows = tx.query(f"SELECT {', '.join(KEY_FIELDS)} FROM api_keys {where} ORDER BY created_at DESC", params)
         stored = tx.query("SELECT key_id, provider FROM provider_keys" + (" WHERE key_id = ?" if key_id else "")
                           + " ORDER BY provider", params)
@@ -118,16 +118,19 @@ def update_key(db, key_id: str, changes: dict) -> bool:
     if not changes:
         return db.query_one("SELECT id FROM api_keys WHERE id = ?", (key_id,)) is not None
     sets = ", ".join(f"{name} = ?" for name in changes)
-    return db.execute(f"UPDATE api_keys SET {sets} WHERE id = ?", (*changes.values(), key_id)) > 0
+    updated = db.execute(f"UPDATE api_keys SET {sets} WHERE id = ?", (*changes.values(), key_id)) > 0
+    db.key_rows.forget(key_id)
+    return updated
 
 
 def revoke_key(db, key_id: str) -> bool:
     """Revoke a key (it stops authenticating at once) and forget its provider keys; False if unknown."""
-    with db.transaction() as tx:
+    with db.transaction(immediate=True) as tx:  # read, then write: SQLite must take its write lock first
         if tx.query_one("SELECT id FROM api_keys WHERE id = ?", (key_id,)) is None:
             return False
         tx.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id))
         tx.execute("DELETE FROM provider_keys WHERE key_id = ?", (key_id,))
+    db.key_rows.forget(key_id)
     return True
 
 
@@ -146,6 +149,7 @@ def save_provider_keys(db, key_id: str, encrypted: dict[str, str | None]) -> Non
             if ciphertext is not None:
                 tx.execute("INSERT INTO provider_keys (key_id, provider, ciphertext, updated_at) VALUES (?, ?, ?, ?)",
                            (key_id, provider, ciphertext, now))
+    db.key_rows.forget(key_id)
 
 
 def upsert_row(db, table: str, fields: dict) -> None:
@@ -170,7 +174,7 @@ def summarize_usage(db, filters: dict, group_by: str | None) -> tuple[list[dict]
               "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS errors, "
               "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
               "SUM(cost_nusd) AS cost_nusd")
-    with db.transaction() as tx:
+    with db.transaction(read_only=True) as tx:
         total = tx.query_one(f"SELECT {totals} FROM usage {clause}", params)
         groups = []
         if group_by:
@@ -602,6 +606,14 @@ def attach_rate_headers(response):
             headers = None
     response.headers.update(headers or {})
     return response
+
+
+@bp.before_request
+def see_own_usage() -> None:
+    """Reads of spend and usage first wait for this process's queued usage rows (usage.py), so a
+    caller sees its own calls; other workers' rows are at most a few milliseconds behind."""
+    if request.method == "GET":
+        state().db.usage.flush()
 
 
 def register(app: Flask) -> None:

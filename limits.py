@@ -64,6 +64,14 @@ class Window:
     oldest: float | None  # when the oldest counted request or token use happened
     spend_nusd: int | None = None  # the key's spend; None when it has been revoked
 
+    def plus(self, ahead: tuple[int, int]) -> Window:
+        """This window with a process's unwritten cost and tokens added (a revoked key stays revoked)."""
+        cost, tokens = ahead
+        if not cost and not tokens:
+            return self
+        return Window(self.requests, self.tokens + tokens, self.oldest,
+                      None if self.spend_nusd is None else self.spend_nusd + cost)
+
     def retry_after(self, now: float) -> int:
         """Whole seconds until the oldest entry leaves the window (at least 1)."""
         return max(1, math.ceil((self.oldest or now) + WINDOW - now))
@@ -88,41 +96,68 @@ PRUNE_CLOCK = PruneClock()
 
 
 def admit(db, caller: Caller | None, body: dict, request_id: str) -> dict[str, str]:
-    """Admit one chat request for this caller or raise 402/429; returns the x-ratelimit-* headers."""
+    """Admit one chat request for this caller or raise 402/429; returns the x-ratelimit-* headers.
+
+    The key's calls whose usage rows this process has not written yet (usage.py: a millisecond or two
+    after each answer) are counted too, at their real cost and tokens on top of what the database says
+    (their prompt estimates may then count twice: refusing is checked again, exactly, after writing them).
+    """
     if caller is None or caller.key_id is None:
         return {}
-    if caller.rpm_limit is None and caller.tpm_limit is None:
-        check_budget(caller.max_budget, caller.spend_nusd)  # spend as read at authentication: no round trip
+    limited = caller.rpm_limit is not None or caller.tpm_limit is not None
+    if not limited and caller.max_budget is None:
+        return {}
+    ahead = db.usage.unwritten(caller.key_id)
+    try:
+        return _admit(db, caller, body, request_id, limited, ahead)
+    except (BudgetExceeded, RateLimited):
+        if not any(ahead):
+            raise
+        if not db.usage.flush():  # near a limit: write this process's rows, then decide on the database
+            raise
+        return _admit(db, caller, body, request_id, limited, (0, 0), reread_spend=True)
+
+
+def _admit(db, caller: Caller, body: dict, request_id: str, limited: bool, ahead: tuple[int, int],
+           reread_spend: bool = False) -> dict[str, str]:
+    if not limited:  # a budget only: the spend read at authentication (no round trip) plus what is unwritten
+        spend = caller.spend_nusd
+        if reread_spend:
+            row = db.query_one("SELECT spend_nusd FROM api_keys WHERE id = ?", (caller.key_id,))
+            spend = int(row["spend_nusd"] or 0) if row else spend
+        check_budget(caller.max_budget, spend + ahead[0])
         return {}
     estimate = estimate_tokens(body.get("messages"))
     now = time.time()
     admit_once = admit_in_one_trip if db.is_pg else admit_in_transaction
-    used = admit_once(db, caller, request_id, estimate, now)
+    used = admit_once(db, caller, request_id, estimate, now, ahead)
     if PRUNE_CLOCK.due(now):
         prune_events(db, now)
     return rate_headers(caller, Window(used.requests + 1, used.tokens + estimate, used.oldest))
 
 
-def admit_in_transaction(db, caller: Caller, request_id: str, estimate: int, now: float) -> Window:
+def admit_in_transaction(db, caller: Caller, request_id: str, estimate: int, now: float,
+                         ahead: tuple[int, int] = (0, 0)) -> Window:
     """SQLite: under BEGIN IMMEDIATE (which serialises every writer), check the window, then count the request."""
     with db.transaction(immediate=True) as tx:
-        used = window_usage(tx, caller.key_id, now)
+        used = window_usage(tx, caller.key_id, now).plus(ahead)
         refuse_if_over(caller, used, estimate, now)
         tx.execute(COUNT_REQUEST_SQL, (caller.key_id, int(now)))
         tx.execute(PENDING_SQL, (caller.key_id, request_id, now, estimate))
     return used
 
 
-def admit_in_one_trip(db, caller: Caller, request_id: str, estimate: int, now: float) -> Window:
+def admit_in_one_trip(db, caller: Caller, request_id: str, estimate: int, now: float,
+                      ahead: tuple[int, int] = (0, 0)) -> Window:
     """PostgreSQL: lock, check and count in one round trip (ADMIT_SQL), so the key's lock is held only
     inside the server, never while this thread waits for the GIL; Python then explains a refusal."""
-    since = now - WINDOW
-    row = db.query_one(ADMIT_SQL, (ADMISSION_LOCK, caller.key_id) + (caller.key_id,) + (caller.key_id, since) * 5 + (
-        NO_LIMIT if caller.max_budget is None else budget_nusd(caller.max_budget),
+    cost_ahead, tokens_ahead = ahead
+    row = db.query_one(ADMIT_SQL, (ADMISSION_LOCK, caller.key_id) + window_params(caller.key_id, now) + (
+        NO_LIMIT if caller.max_budget is None else budget_nusd(caller.max_budget) - cost_ahead,
         NO_LIMIT if caller.rpm_limit is None else caller.rpm_limit,
-        estimate, NO_LIMIT if caller.tpm_limit is None else caller.tpm_limit,
-        caller.key_id, int(now), caller.key_id, request_id, now, estimate))
-    used = window_from(row)
+        estimate, NO_LIMIT if caller.tpm_limit is None else caller.tpm_limit - tokens_ahead,
+        caller.key_id, int(now), caller.key_id, request_id, now, estimate), prepare="admit_window")
+    used = window_from(row).plus(ahead)
     if not row["admitted"]:
         refuse_if_over(caller, used, estimate, now)
         raise RateLimited("Rate limit reached.")  # not reached: the SQL and refuse_if_over agree
@@ -139,8 +174,14 @@ def refuse_if_over(caller: Caller, used: Window, estimate: int, now: float) -> N
 
 def window_usage(tx, key_id: str, now: float) -> Window:
     """Requests and tokens (real usage plus estimates of calls still running) in the last minute."""
+    return window_from(tx.query_one(WINDOW_SQL, window_params(key_id, now)))
+
+
+def window_params(key_id: str, now: float) -> tuple:
+    """WINDOW_SQL's parameters: the buckets are whole seconds (an integer bound keeps their index
+    range usable on PostgreSQL), the estimates' times are exact."""
     since = now - WINDOW
-    return window_from(tx.query_one(WINDOW_SQL, (key_id,) + (key_id, since) * 5))
+    return (key_id,) + (key_id, math.floor(since)) * 4 + (key_id, since)
 
 
 def window_from(row: dict) -> Window:
@@ -191,7 +232,7 @@ def rate_headers(caller: Caller, used: Window) -> dict[str, str]:
 
 def current_window(db, key_id: str) -> Window:
     """The key's sliding-minute usage right now, without admitting anything (GET /api/me)."""
-    with db.transaction() as tx:
+    with db.transaction(read_only=True) as tx:
         return window_usage(tx, key_id, time.time())
 
 

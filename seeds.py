@@ -117,7 +117,7 @@ def execute_target(url: str, key: str, model: str) -> Target:
 @bp.post("/execute")
 def execute():
     """POST /execute: call the client's OpenAI-compatible endpoint through the gateway."""
-    caller = client()
+    caller = client(spending=True)
     url, key = header("x-llm-endpoint"), header("x-llm-apikey")
     num_calls = refine.num_calls(request.headers, state().config)
     check_endpoint(url, state().config)
@@ -183,7 +183,7 @@ def query_models(model: str | None, task_type: str, caller, request_key: str | N
 @bp.post("/api/query")
 def api_query():
     """POST /api/query {query, model?, task_type?, request_id?}: one question, one answer, routed by task."""
-    caller = client()
+    caller = client(spending=True)
     body = json_body()
     problems: list[dict] = []
     query = _string(body, "query", problems, required=True)
@@ -232,6 +232,7 @@ def api_status():
     """
     caller = client()
     gw = state().gateway
+    gw.db.usage.flush()  # this worker's queued usage rows count too
     recent = count_recent_usage(gw.db, time.time() - STATUS_WINDOW)
     out = {}
     for name in PROVIDERS:
@@ -374,7 +375,7 @@ def chat_messages(body: dict) -> list:
 @bp.post("/llm/chat")
 def llm_chat():
     """POST /llm/chat: stream the answer as NDJSON lines (content ..., usage, then done)."""
-    caller = client()
+    caller = client(spending=True)
     body = json_body()
     engine = known_engine(body.get("engine"))
     if not isinstance(body.get("model"), str) or not body["model"].strip():

@@ -80,6 +80,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def eventually(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02):
+    """Poll check() until it returns something truthy (and return it), or fail after timeout seconds.
+
+    For reads of another process's writes: a gunicorn worker writes usage rows just after the answer
+    (usage.py), so a test reading the database directly may be a few milliseconds early.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            assert result, f"still not true after {timeout} s: {check}"
+            return result
+        time.sleep(interval)
+
+
 def completion_body(content: str = "Hello from the fake upstream.", model: str = "gpt-4o-mini",
                     prompt_tokens: int = 10, completion_tokens: int = 5, tool_calls: list | None = None) -> dict:
     """A chat.completion as OpenAI's API reference shows it."""

@@ -217,6 +217,7 @@ def test_every_call_writes_a_usage_row(app, client):
     streamed = client.post("/v1/chat/completions", json={**HELLO, "stream": True},
                            headers={**auth(), "X-Request-ID": "usage-2"})
     assert streamed.data.endswith(b"data: [DONE]\n\n")
+    assert app.extensions["llm_proxy"].db.usage.flush()  # written just after each answer (usage.py)
     rows = app.extensions["llm_proxy"].db.query("SELECT request_id, model, provider, status, prompt_tokens, "
                                                  "completion_tokens FROM usage ORDER BY request_id")
     assert [(r["request_id"], r["provider"], r["status"]) for r in rows] == [
@@ -255,13 +256,34 @@ def test_prompts_reach_the_log_only_with_log_bodies(make_app, log_lines):
     assert all(CLIENT_KEY not in line for line in log_lines)
 
 
+def test_usage_is_retried_while_the_database_is_down_and_written_when_it_is_back(app, client, monkeypatch):
+    from errors import ServiceUnavailable
+    db = app.extensions["llm_proxy"].db
+    real, failures = db.record_usage, []
+
+    def flaky(rows):
+        if len(failures) < 2:
+            failures.append(len(rows))
+            raise ServiceUnavailable("the database is unavailable")
+        real(rows)
+    monkeypatch.setattr(db, "record_usage", flaky)
+    r = client.post("/v1/chat/completions", json=HELLO, headers={**auth(), "X-Request-ID": "kept-0"})
+    assert r.status_code == 200  # the answer does not wait for its usage row
+    assert app.extensions["llm_proxy"].db.usage.flush()
+    assert failures == [1, 1]
+    assert db.query_one("SELECT COUNT(*) AS n FROM usage WHERE request_id = ?", ("kept-0",))["n"] == 1
+
+
 def test_an_answer_is_not_lost_when_its_usage_cannot_be_written(app, client, log_lines, monkeypatch):
+    import usage
     from errors import ServiceUnavailable
 
     def down(rows):
         raise ServiceUnavailable("the database is unavailable")
     monkeypatch.setattr(app.extensions["llm_proxy"].db, "record_usage", down)
+    monkeypatch.setattr(usage, "RETRY_FOR", 0.2)
     r = client.post("/v1/chat/completions", json=HELLO, headers={**auth(), "X-Request-ID": "kept-1"})
     assert r.status_code == 200 and r.get_json()["choices"][0]["message"]["content"] == "Hello there"
+    assert app.extensions["llm_proxy"].db.usage.flush()
     [line] = [json.loads(x) for x in log_lines if "usage_not_recorded" in x]
-    assert line["request_id"] == "kept-1" and line["rows"][0]["completion_tokens"] > 0
+    assert line["request_id"] == "kept-1" and line["completion_tokens"] > 0

@@ -9,7 +9,7 @@ import requests
 
 import cache
 from db import Database
-from support import CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, stream_events, validate
+from support import CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, eventually, stream_events, validate
 
 QUESTION = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0}
 
@@ -47,7 +47,8 @@ def test_a_hit_makes_no_upstream_call_and_costs_nothing(proxy, upstream, databas
         validate(again.json(), "CreateChatCompletionResponse")
     assert len(upstream.posts) == 1
     db = Database(database_url)
-    rows = db.query("SELECT cost_nusd, cached FROM usage ORDER BY created_at")
+    rows = eventually(lambda: len(found := db.query("SELECT cost_nusd, cached FROM usage ORDER BY created_at")) == 4
+                      and found)
     db.close()
     assert [(r["cost_nusd"], r["cached"]) for r in rows] == [(4500, 0)] + [(0, 1)] * 3
 

@@ -10,7 +10,7 @@ import requests
 from adapters import estimate_tokens
 from db import cost_nusd
 from keys_support import ADMIN, ENCRYPTION_KEY_HEX, chat, create_key, price_echo
-from support import ADMIN_KEY, Gunicorn, auth
+from support import ADMIN_KEY, Gunicorn, auth, eventually
 
 # Prices with fractional nano-dollars per token, so any rounding slip would show in the totals.
 INPUT_PER_1K, OUTPUT_PER_1K = 0.0001234567, 0.0007654321
@@ -79,7 +79,7 @@ def test_200_concurrent_requests_are_costed_exactly(make_app, database_url):
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == expected_usage(body)
         expected += cost_nusd(*expected_usage(body), INPUT_PER_1K, OUTPUT_PER_1K)
     db = app.extensions["llm_proxy"].db
-    rows = db.query_one("SELECT COUNT(*) AS n, SUM(cost_nusd) AS total FROM usage WHERE key_id = ?", (key_id,))
+    count = "SELECT COUNT(*) AS n, SUM(cost_nusd) AS total FROM usage WHERE key_id = ?"
+    rows = eventually(lambda: (row := db.query_one(count, (key_id,)))["n"] == 200 and row)
     spend = client.get(f"/api/keys/{key_id}", headers=ADMIN).get_json()["spend_nusd"]
-    assert rows["n"] == 200
     assert spend == int(rows["total"]) == expected

@@ -81,3 +81,40 @@ def test_a_refused_transaction_keeps_its_connection(db):
             raise RateLimited("over the limit")  # e.g. admission refusing a request
     assert db._idle.qsize() == 1  # rolled back and reused, not closed and reconnected
     assert db.query_one("SELECT 1 AS ok") == {"ok": 1}
+
+
+def test_a_prepared_statement_is_prepared_once_per_connection_and_answers_like_plain_sql(db):
+    db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", ("p1", "one"))
+    sql = "SELECT value, ? AS echo FROM meta WHERE name = ? AND value LIKE '%n%'"
+    lead = "SELECT 1 AS lead WHERE 1 = ?; " if db.is_pg else ""  # several statements: PostgreSQL only
+    params = (1, "x", "p1") if db.is_pg else ("x", "p1")
+    for _ in range(3):
+        assert db.query(lead + sql, params, prepare="meta_value") == [{"value": "one", "echo": "x"}]
+        assert db.query(lead + sql, params) == [{"value": "one", "echo": "x"}]
+    if db.is_pg:
+        [conn] = list(db._idle.queue)  # one pooled connection served every call, and prepared it once
+        assert conn.prepared == {"meta_value"}
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM pg_prepared_statements")
+            assert [r[0] for r in cur.fetchall()] == ["meta_value"]
+
+
+def test_the_churning_rate_events_table_is_vacuumed_on_postgresql(db):
+    db.execute("INSERT INTO rate_events (key_id, request_id, created_at, tokens) VALUES ('k', 'r', 1, 1)")
+    db.execute("DELETE FROM rate_events")
+    db.vacuum_churn()  # SQLite has nothing to do; PostgreSQL vacuums the table
+    if db.is_pg:
+        count = ("SELECT pg_stat_clear_snapshot(), vacuum_count FROM pg_stat_user_tables "
+                 "WHERE relname = 'rate_events' AND schemaname = current_schema()")
+        assert db.query_one(count)["vacuum_count"] >= 1 and not db._vacuum_refused
+
+
+def test_a_prepared_statement_the_server_forgot_is_prepared_again(db):
+    if not db.is_pg:
+        pytest.skip("prepared statements are PostgreSQL's")
+    sql = "SELECT ? AS echo"
+    assert db.query(sql, ("a",), prepare="echo_back") == [{"echo": "a"}]
+    [conn] = list(db._idle.queue)
+    with conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")  # what a pooler's DISCARD ALL, or a server restart, does
+    assert db.query(sql, ("b",), prepare="echo_back") == [{"echo": "b"}]

@@ -14,7 +14,7 @@ import pytest
 
 import jobs
 from auth import hash_key
-from support import ADMIN_KEY, CLIENT_KEY, FakeOpenAI, Reply, auth, validate
+from support import ADMIN_KEY, CLIENT_KEY, FakeOpenAI, Reply, auth, eventually, validate
 
 HELLO = {"model": "echo", "messages": [{"role": "user", "content": "Hello async"}]}
 ASYNC = {"Prefer": "respond-async"}
@@ -162,7 +162,8 @@ def test_async_call_goes_upstream_once_and_is_costed_to_the_submitting_key(start
     assert len(upstream.posts) == 1
     assert upstream.posts[0]["json"].get("stream") is not True
     db = app.extensions["llm_proxy"].db
-    rows = db.query("SELECT key_id, status, cost_nusd FROM usage WHERE request_id = ?", (job["request_id"],))
+    rows = eventually(lambda: db.query("SELECT key_id, status, cost_nusd FROM usage WHERE request_id = ?",
+                                       (job["request_id"],)))
     assert [(row["key_id"], row["status"]) for row in rows] == [(key_id, "ok")]
     assert rows[0]["cost_nusd"] > 0  # 10 prompt + 5 completion tokens at gpt-4o-mini's seeded prices
     assert db.query_one("SELECT spend_nusd FROM api_keys WHERE id = ?", (key_id,))["spend_nusd"] == rows[0]["cost_nusd"]

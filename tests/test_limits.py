@@ -20,8 +20,9 @@ def post(client, key, body=None, **headers):
 
 
 def age_events(app, key_id: str, seconds: float) -> None:
-    """Pretend the key's requests happened `seconds` earlier."""
+    """Pretend the key's requests happened `seconds` earlier (once their usage rows are written)."""
     db = db_of(app)
+    assert db.usage.flush()
     db.execute("UPDATE rate_events SET created_at = created_at - ? WHERE key_id = ?", (seconds, key_id))
     for table in ("request_buckets", "token_buckets"):
         db.execute(f"UPDATE {table} SET epoch_second = epoch_second - ? WHERE key_id = ?", (seconds, key_id))
@@ -73,6 +74,7 @@ def test_real_usage_replaces_the_estimate(make_app):
         client = app.test_client()
         key_id, key = create_key(client, tpm_limit=1000)
         assert post(client, key, chat(model="gpt-4o-mini")).status_code == 200
+        assert db_of(app).usage.flush()  # the usage row is written just after the answer (usage.py)
         window = limits.current_window(db_of(app), key_id)
         assert window.tokens == 507  # the upstream's own count, not the estimate
         assert post(client, key, chat(model="gpt-4o-mini")).status_code == 200
@@ -116,6 +118,7 @@ def test_streamed_usage_settles_the_estimate(client, app):
     key_id, key = create_key(client, tpm_limit=10_000)
     r = post(client, key, chat("stream me", stream=True))
     assert r.status_code == 200 and r.data.endswith(b"data: [DONE]\n\n")
+    assert db_of(app).usage.flush()
     window = limits.current_window(db_of(app), key_id)
     used = db_of(app).query_one("SELECT SUM(prompt_tokens + completion_tokens) AS t FROM usage WHERE key_id = ?",
                                 (key_id,))["t"]
@@ -136,6 +139,7 @@ def test_old_events_are_pruned(app, client, monkeypatch):
     age_events(app, key_id, 120)
     monkeypatch.setattr(limits, "PRUNE_CLOCK", limits.PruneClock())  # due at once
     post(client, key)
+    assert db_of(app).usage.flush()
     assert db_of(app).query_one("SELECT COUNT(*) AS n FROM request_buckets")["n"] == 1  # this second's
     assert db_of(app).query_one("SELECT COUNT(*) AS n FROM token_buckets")["n"] == 1
     assert db_of(app).query_one("SELECT COUNT(*) AS n FROM rate_events")["n"] == 0  # settled by usage rows

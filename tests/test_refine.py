@@ -8,7 +8,7 @@ import requests
 
 from db import Database
 from refine import REVIEW_PROMPT
-from support import CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, stream_events, validate
+from support import CLIENT_KEY, FakeOpenAI, Gunicorn, Reply, auth, completion_body, eventually, stream_events, validate
 
 QUESTION = [{"role": "user", "content": "Name a prime number."}]
 DRAFTS = ["Draft one.", "Draft two.", "Final answer."]
@@ -50,7 +50,8 @@ def test_each_call_reviews_the_previous_answer(proxy, upstream, database_url):
     assert r.headers["x-llm-attempts"] == "3"
     assert r.headers["x-llm-cost"] == "0.0000135"  # three calls at 10 x 0.00015/1k + 5 x 0.0006/1k
     db = Database(database_url)
-    rows = db.query("SELECT cost_nusd, status FROM usage WHERE request_id = ?", (r.headers["X-Request-ID"],))
+    rows = eventually(lambda: len(found := db.query("SELECT cost_nusd, status FROM usage WHERE request_id = ?",
+                                                    (r.headers["X-Request-ID"],))) == 3 and found)
     db.close()
     assert [(row["cost_nusd"], row["status"]) for row in rows] == [(4500, "ok")] * 3
 
@@ -89,6 +90,7 @@ def test_echo_refinement_costs_every_call(app):
     assert r.status_code == 200
     # echo answers the last user message: the review prompt itself
     assert r.get_json()["choices"][0]["message"]["content"] == REVIEW_PROMPT
+    assert app.extensions["llm_proxy"].db.usage.flush()
     rows = app.extensions["llm_proxy"].db.query("SELECT status FROM usage WHERE request_id = 'refined'")
     assert len(rows) == 2
 
