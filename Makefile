@@ -28,7 +28,7 @@ test: dev-install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-## Benchmark: fake upstream, bare Flask forwarder, llm-proxy on SQLite and PostgreSQL, one core each (~2-3 min; needs wrk)
+## Benchmark: fake upstream, bare Flask forwarder, llm-proxy on SQLite and PostgreSQL, one core each (~4 min; needs wrk)
 bench: install
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -2,13 +2,18 @@
 
 Everything listens on 127.0.0.1 and every load run is bounded in time. The forwarder and the proxy
 are pinned to core 0, the fake upstream and the load generators (wrk, bench/stream_client.py, this
-script) to core 1, so the figures are per core. Run from the repo root:
+script) to core 1, so the figures are per core. Every server is started up front and stays up; the
+non-streaming wrk figures are taken in interleaved rounds (each round runs every target at every
+concurrency in turn), and each cell reports its best round, so a noisy neighbour slows all targets
+alike instead of whichever one happened to be measured at the time. Streams, RSS, profiles and the
+overhead sample follow, one target after the other. Run from the repo root:
 
-    .venv/bin/python bench/run.py [--duration 5] [--streams 500] [--skip-pg]
+    .venv/bin/python bench/run.py [--duration 4] [--rounds 3] [--streams 500] [--skip-pg]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -47,7 +53,9 @@ PINNING = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds of wrk per cell")
+    parser.add_argument("--duration", type=int, default=4, help="seconds of wrk per cell and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved wrk rounds over every target; each cell reports its best round")
     parser.add_argument("--streams", type=int, default=500, help="concurrent streams in the big stream run")
     parser.add_argument("--single-streams", type=int, default=10, help="sequential streams for TTFT at 1")
     parser.add_argument("--chunks", type=int, default=20, help="fake upstream: chunks per stream")
@@ -56,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/bench"))
     parser.add_argument("--skip-pg", action="store_true", help="do not run the proxy on PostgreSQL")
+    parser.add_argument("--no-pin-postgres", action="store_true",
+                        help="leave a local PostgreSQL's processes on every core (by default they are moved to "
+                             "the load core while the PostgreSQL-backed proxy is up, and back after it)")
     parser.add_argument("--skip-proxy", action="store_true", help="measure only upstream and forwarder")
     parser.add_argument("--soak", action="store_true",
                         help="also check worker RSS at 10,000 and 100,000 requests (adds ~3-6 min per database)")
@@ -249,24 +260,96 @@ def profile(name: str, url: str, master_pid: int, args, key: str, workdir: Path)
     return f"### {name} (wrk -c16; {out})\n" + profile_summary.report(str(out), 20)
 
 
-def measure(name: str, base: str, args, key: str = "", master_pid: int | None = None) -> dict:
-    """Every figure for one target: wrk at each concurrency, TTFT at 1 and at many, worker RSS."""
-    url = base + CHAT_PATH
-    log(f"{name}: warm-up")
-    wrk(url, 16, 1, key)
-    result = {"name": name, "wrk": []}
-    for concurrency in CONCURRENCIES:
-        log(f"{name}: wrk -c{concurrency} -d{args.duration}s")
-        result["wrk"].append(wrk(url, concurrency, args.duration, key))
-    log(f"{name}: {args.single_streams} streams one at a time")
-    result["stream1"] = streams(url, 1, args.single_streams, key)
-    log(f"{name}: {args.streams} concurrent streams")
-    result["streamN"] = streams(url, args.streams, args.streams, key)
-    if master_pid:
-        result["rss_mib"] = worker_peak_rss(master_pid)
+@dataclass
+class Target:
+    """One server under test: where it answers, the key to call it with, and its gunicorn master, if any."""
+
+    name: str
+    base: str
+    key: str = ""
+    master: int | None = None  # gunicorn master's pid: its workers' RSS and profile are recorded
+    extra: dict = field(default_factory=dict)  # figures known once it is up (key kind, provider)
+
+    @property
+    def url(self) -> str:
+        """The chat completions URL that wrk and the stream client call."""
+        return self.base + CHAT_PATH
+
+    @property
+    def is_proxy(self) -> bool:
+        """Whether this is llm-proxy (overhead sample, soak and /api/me apply)."""
+        return self.name.startswith("llm-proxy")
+
+
+def run_rounds(targets: list[Target], args) -> dict[str, list[list[dict]]]:
+    """wrk at each concurrency for each target, round after round, so every target sees the same noise.
+
+    Returns per target name its rounds, each a list of wrk results (one per concurrency).
+    """
+    for target in targets:
+        log(f"{target.name}: warm-up")
+        wrk(target.url, 16, 1, target.key)
+    rounds = {target.name: [] for target in targets}
+    for number in range(1, args.rounds + 1):
+        for target in targets:
+            cells = []
+            for concurrency in CONCURRENCIES:
+                log(f"round {number}/{args.rounds}, {target.name}: wrk -c{concurrency} -d{args.duration}s")
+                cells.append({"round": number, **wrk(target.url, concurrency, args.duration, target.key)})
+            rounds[target.name].append(cells)
+    return rounds
+
+
+def best_cells(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency, the round with the most req/s (noise only ever lowers throughput), with the spread."""
+    best = []
+    for cells in zip(*rounds, strict=True):
+        top = max(cells, key=lambda w: w["rps"])
+        rps = [w["rps"] for w in cells]
+        best.append({**{k: v for k, v in top.items() if k != "raw"}, "rps_min": min(rps), "rps_max": max(rps),
+                     "errors_all_rounds": sum(w["errors"] for w in cells)})
+    return best
+
+
+def measure_details(target: Target, args) -> dict:
+    """The long figures, one target at a time: TTFT at 1 and at many, worker RSS, profile, proxy extras."""
+    log(f"{target.name}: {args.single_streams} streams one at a time")
+    result = {"stream1": streams(target.url, 1, args.single_streams, target.key)}
+    log(f"{target.name}: {args.streams} concurrent streams")
+    result["streamN"] = streams(target.url, args.streams, args.streams, target.key)
+    if target.master:
+        result["rss_mib"] = worker_peak_rss(target.master)
         if args.py_spy:
-            result["profile"] = profile(name, url, master_pid, args, key, args.workdir)
+            result["profile"] = profile(target.name, target.url, target.master, args, target.key, args.workdir)
+    if target.is_proxy:
+        result.update(proxy_details(target, args))
     return result
+
+
+def proxy_details(target: Target, args) -> dict:
+    """200 sequential requests for x-llm-overhead-ms, the soak if asked for, and /api/me for the key."""
+    log(f"{target.name}: 200 sequential requests for x-llm-overhead-ms")
+    result = {"overhead": overhead_sample(target.base, target.key)}
+    if args.soak:
+        result["soak"] = soak(target.name, target.url, target.master, target.key)
+    status, _, raw = request("GET", target.base + "/api/me", key=target.key)
+    result["me"] = raw.decode(errors="replace")[:400] if status == 200 else f"GET /api/me: {status}"
+    return result
+
+
+def measure_all(targets: list[Target], args, notes: list[str]) -> list[dict]:
+    """Interleaved wrk rounds over every target, then each target's long figures in turn."""
+    rounds = run_rounds(targets, args)
+    results = []
+    for target in targets:
+        result = {"name": target.name, **target.extra, "wrk": best_cells(rounds[target.name]),
+                  "wrk_rounds": rounds[target.name]}
+        try:
+            result.update(measure_details(target, args))
+        except (RuntimeError, OSError) as exc:
+            notes.append(f"{target.name}: measuring streams/RSS/profile failed: {exc}")
+        results.append(result)
+    return results
 
 
 def overhead_sample(base: str, key: str, count: int = 200) -> dict:
@@ -341,8 +424,28 @@ def ensure_pg_database(url: str) -> str | None:
     return None
 
 
-def run_proxy(label: str, database_url: str, upstream: str, args, procs: Processes) -> dict:
-    """Start llm-proxy on one database, get a key, check one answer, measure, stop."""
+def start_upstream(args, procs: Processes) -> Target:
+    """The fake upstream, on the load core."""
+    port = free_port()
+    proc = procs.start("upstream", [sys.executable, str(BENCH / "fake_upstream.py"), "--port", str(port),
+                                    "--chunks", str(args.chunks), "--interval-ms", str(args.interval_ms)],
+                       dict(os.environ), LOAD_CORE)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/health", proc)
+    return Target("direct upstream", base)
+
+
+def start_forwarder(env: dict, args, procs: Processes) -> Target:
+    """The bare forwarder, under the same gunicorn settings as llm-proxy."""
+    port = free_port()
+    proc = procs.start("forwarder", gunicorn_cmd("bench.bare_forwarder:app", port, args.workers), env, PROXY_CORE)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/", proc)
+    return Target("bare forwarder", base, master=proc.pid)
+
+
+def start_proxy(label: str, database_url: str, upstream: str, args, procs: Processes) -> Target:
+    """Start llm-proxy on one database, get a key, check one answer; stop it again if any of that fails."""
     port = free_port()
     env = {**os.environ, "PORT": str(port), "DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream,
            "OPENAI_API_KEY": "sk-bench", "ADMIN_API_KEY": ADMIN_KEY, "API_KEY": STATIC_KEY,
@@ -356,18 +459,46 @@ def run_proxy(label: str, database_url: str, upstream: str, args, procs: Process
             {"role": "user", "content": "hi"}]}, key=key)
         if status != 200:
             raise RuntimeError(f"proxy answered {status} to a plain request: {raw[:300]!r}")
-        result = measure(f"llm-proxy ({label})", base, args, key, proc.pid)
-        result["key"] = how
-        result["provider"] = headers.get("x-llm-provider")
-        log(f"llm-proxy ({label}): 200 sequential requests for x-llm-overhead-ms")
-        result["overhead"] = overhead_sample(base, key)
-        if args.soak:
-            result["soak"] = soak(result["name"], base + CHAT_PATH, proc.pid, key)
-        status, _, raw = request("GET", base + "/api/me", key=key)
-        result["me"] = raw.decode(errors="replace")[:400] if status == 200 else f"GET /api/me: {status}"
-        return result
-    finally:
+    except Exception:
         procs.stop(proc)
+        raise
+    return Target(f"llm-proxy ({label})", base, key, proc.pid, {"key": how, "provider": headers.get("x-llm-provider")})
+
+
+def pin_postgres(url: str, args) -> bool:
+    """Whether to move PostgreSQL to the load core: pinning is on, not refused, and the database is local."""
+    return PINNING and not args.no_pin_postgres and urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def proxy_databases(args, notes: list[str]) -> list[tuple[str, str]]:
+    """(label, DATABASE_URL) for each llm-proxy to run: SQLite, and PostgreSQL unless skipped or unreachable."""
+    if args.skip_proxy:
+        notes.append("llm-proxy skipped (--skip-proxy)")
+        return []
+    if not (ROOT / "app.py").exists():
+        notes.append("llm-proxy skipped: no app.py in the repo yet")
+        return []
+    databases = [("SQLite", f"sqlite:///{args.workdir / 'bench.db'}")]
+    if not args.skip_pg:
+        why = ensure_pg_database(args.pg_url)
+        databases += [("PostgreSQL", args.pg_url)] if why is None else []
+        notes += [f"PostgreSQL skipped: {why}"] if why else []
+    return databases
+
+
+def start_proxies(upstream: str, args, procs: Processes, stack: contextlib.ExitStack,
+                  notes: list[str]) -> list[Target]:
+    """Every llm-proxy, up until the run ends; a local PostgreSQL is pinned (via stack) before its proxy starts."""
+    targets = []
+    for label, url in proxy_databases(args, notes):
+        if label == "PostgreSQL" and pin_postgres(url, args):
+            postgres = stack.enter_context(PostgresPinned(LOAD_CORE))
+            notes += [postgres.note] if postgres.note else []
+        try:
+            targets.append(start_proxy(label, url, upstream, args, procs))
+        except RuntimeError as exc:
+            notes.append(f"llm-proxy ({label}) failed: {exc} (log: {args.workdir}/proxy-{label}.log)")
+    return targets
 
 
 def cell(value, digits: int = 1) -> str:
@@ -377,27 +508,35 @@ def cell(value, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
-def report(results: list[dict], meta: dict) -> str:
-    """The markdown tables and notes."""
+def wrk_table(results: list[dict], rounds: int) -> list[str]:
+    """The non-streaming table: each cell's best round, the spread over rounds, latency added to direct's."""
     direct = {w["concurrency"]: w for w in results[0]["wrk"]}
-    lines = [f"# llm-proxy benchmark, {meta['when']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "when"]
-    lines += ["", "## Non-streaming (wrk; added = minus direct upstream at the same concurrency)", "",
-              "| target | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"## Non-streaming (wrk; best of {rounds} interleaved rounds by req/s, with that round's latency; "
+             "spread = min-max req/s over the rounds; added = minus the direct upstream's best round at the same "
+             "concurrency; errors = all rounds)", "",
+             "| target | conc | req/s | spread req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
+        added = res is not results[0]
         for w in res["wrk"]:
             base = direct[w["concurrency"]]
-            added = res is not results[0]
-            lines.append(f"| {res['name']} | {w['concurrency']} | {cell(w['rps'], 0)} | {cell(w['p50_ms'], 2)} "
+            lines.append(f"| {res['name']} | {w['concurrency']} | {cell(w['rps'], 0)} "
+                         f"| {cell(w['rps_min'], 0)}–{cell(w['rps_max'], 0)} | {cell(w['p50_ms'], 2)} "
                          f"| {cell(w['p99_ms'], 2)} | {cell(w['p50_ms'] - base['p50_ms'], 2) if added else '-'} "
-                         f"| {cell(w['p99_ms'] - base['p99_ms'], 2) if added else '-'} | {w['errors']} |")
-    lines += ["", "## Streams (time to first chunk, ms; N concurrent streams)", "",
-              "| target | TTFT p50 @1 | TTFT p99 @1 | TTFT p50 @N | TTFT p99 @N | added p99 @N | total p50 @N "
-              "| failures @N | failures @1 | peak RSS/worker MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    floor = results[0]["streamN"]["ttft_p99_ms"]
+                         f"| {cell(w['p99_ms'] - base['p99_ms'], 2) if added else '-'} | {w['errors_all_rounds']} |")
+    return lines
+
+
+def streams_table(results: list[dict], streams_n: str) -> list[str]:
+    """The streaming table: TTFT at 1 and at N, failures, workers' peak RSS."""
+    lines = ["## Streams (time to first chunk, ms; N concurrent streams)", "",
+             "| target | TTFT p50 @1 | TTFT p99 @1 | TTFT p50 @N | TTFT p99 @N | added p99 @N | total p50 @N "
+             "| failures @N | failures @1 | peak RSS/worker MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    floor = results[0].get("streamN", {}).get("ttft_p99_ms")
     for res in results:
+        if "stream1" not in res or "streamN" not in res:
+            continue
         one, many = res["stream1"], res["streamN"]
         added = many["ttft_p99_ms"] - floor if res is not results[0] and None not in (many["ttft_p99_ms"], floor) \
             else None
@@ -406,28 +545,94 @@ def report(results: list[dict], meta: dict) -> str:
                      f"| {cell(many['ttft_p50_ms'])} | {cell(many['ttft_p99_ms'])} | {cell(added)} "
                      f"| {cell(many['total_p50_ms'])} | {fails} | {one['failures']} "
                      f"| {', '.join(map(str, res.get('rss_mib', []))) or '-'} |")
-    lines += ["", f"N = {meta['streams'].split()[0]} concurrent streams; times in ms.", ""]
+    return lines + ["", f"N = {streams_n} concurrent streams; times in ms."]
+
+
+def c64_ratio(res: dict, bare: dict | None) -> str:
+    """The proxy's c64 req/s as a share of the bare forwarder's: best rounds, and round by round."""
+    if not bare:
+        return "c64 req/s: no bare forwarder to compare with"
+    best = res["wrk"][-1]["rps"] / bare["wrk"][-1]["rps"] * 100
+    per_round = [mine[-1]["rps"] / theirs[-1]["rps"] * 100
+                 for mine, theirs in zip(res["wrk_rounds"], bare["wrk_rounds"], strict=True)]
+    return (f"c64 req/s = {cell(best, 0)}% of the bare forwarder (best rounds; round by round "
+            f"{', '.join(f'{r:.0f}%' for r in per_round)})")
+
+
+def proxy_lines(results: list[dict]) -> list[str]:
+    """One line per llm-proxy: key, provider, c64 ratio, overhead header, /api/me; the soak if run."""
     bare = next((r for r in results if r["name"] == "bare forwarder"), None)
+    lines = []
     for res in results:
         if not res["name"].startswith("llm-proxy"):
             continue
-        ratio = res["wrk"][-1]["rps"] / bare["wrk"][-1]["rps"] * 100 if bare else None
         over, soaked = res.get("overhead", {}), res.get("soak")
         if soaked:
             lines.append(f"- {res['name']}: soak of {soaked['served']:,} requests in {soaked['seconds']} s: worker RSS "
                          f"{soaked['rss_10k_mib']} MiB at 10k, {soaked['rss_100k_mib']} MiB at 100k "
                          f"({soaked['growth_pct']:+.1f}%)")
-        lines.append(f"- {res['name']}: {res['key']}; provider {res.get('provider')}; "
-                     f"c64 req/s = {cell(ratio, 0)}% of the bare forwarder; "
+        lines.append(f"- {res['name']}: {res['key']}; provider {res.get('provider')}; {c64_ratio(res, bare)}; "
                      f"x-llm-overhead-ms p50 {cell(over.get('overhead_p50_ms'), 2)} / p99 "
                      f"{cell(over.get('overhead_p99_ms'), 2)} (client p50 {cell(over.get('client_p50_ms'), 2)} ms, "
                      f"statuses {over.get('statuses')}); /api/me: {res.get('me')}")
-    return "\n".join(lines)
+    return lines
 
 
-def main() -> int:
-    """Start everything, measure every target, print the report."""
-    args = parse_args()
+def report(results: list[dict], meta: dict, rounds: int) -> str:
+    """The markdown tables and notes."""
+    lines = [f"# llm-proxy benchmark, {meta['when']}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "when"]
+    lines += ["", *wrk_table(results, rounds), "", *streams_table(results, meta["streams"].split()[0]), ""]
+    return "\n".join(lines + proxy_lines(results))
+
+
+class PostgresPinned:
+    """Move a local PostgreSQL's processes (and the backends they fork) to one core, and back after.
+
+    The database's work is not the proxy's: left unpinned, the kernel often wakes a backend on the
+    proxy's core (next to the proxy thread that woke it), and the proxy's one core then also runs
+    PostgreSQL. Needs permission to change the processes' affinity (root, or the same user).
+    """
+
+    def __init__(self, core: int):
+        """Nothing moved yet; note says what happened once entered."""
+        self.core, self.saved, self.note = core, {}, None
+
+    @staticmethod
+    def pids() -> list[int]:
+        """Process ids of every process named postgres."""
+        found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+    def __enter__(self):
+        """Pin every PostgreSQL process to the core, remembering each one's mask."""
+        everyone = set(range(os.cpu_count() or 1))
+        for pid in self.pids():
+            try:
+                self.saved[pid] = os.sched_getaffinity(pid)
+                os.sched_setaffinity(pid, {self.core})
+            except OSError as exc:
+                self.note = f"PostgreSQL left unpinned ({exc.strerror})"
+                break
+        else:
+            if self.saved:
+                self.note = (f"PostgreSQL's {len(self.saved)} processes pinned to core {self.core} "
+                             "while the PostgreSQL-backed proxy was up")
+        self.everyone = everyone
+        return self
+
+    def __exit__(self, *exc_info):
+        """Give every PostgreSQL process its mask back (newer ones the postmaster's, the lowest pid's)."""
+        usual = min(self.saved.items())[1] if self.saved else self.everyone
+        for pid in self.pids():
+            try:
+                os.sched_setaffinity(pid, self.saved.get(pid, usual))
+            except OSError:
+                pass
+
+
+def prepare(args) -> None:
+    """Check for wrk, raise the fd limit, pin this script to the load core, make the scratch directory."""
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install -y wrk")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -436,58 +641,54 @@ def main() -> int:
         os.sched_setaffinity(0, {LOAD_CORE})
     else:
         log("fewer than 2 cores or no taskset: running unpinned")
-    workdir = args.workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
-    procs = Processes(workdir)
-    results, notes = [], []
-    started = time.monotonic()
-    try:
-        up_port = free_port()
-        upstream_proc = procs.start("upstream", [sys.executable, str(BENCH / "fake_upstream.py"), "--port",
-                                                 str(up_port), "--chunks", str(args.chunks), "--interval-ms",
-                                                 str(args.interval_ms)], dict(os.environ), LOAD_CORE)
-        up_base = f"http://127.0.0.1:{up_port}"
-        wait_http(up_base + "/health", upstream_proc)
-        upstream = up_base + "/v1"
-        results.append(measure("direct upstream", up_base, args))
+    args.workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
 
-        fwd_env = {**os.environ, "OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "sk-bench"}
-        settings = gunicorn_settings(args.workers, fwd_env)
-        fwd_port = free_port()
-        fwd = procs.start("forwarder", gunicorn_cmd("bench.bare_forwarder:app", fwd_port, args.workers),
-                          fwd_env, PROXY_CORE)
-        wait_http(f"http://127.0.0.1:{fwd_port}/", fwd)
-        results.append(measure("bare forwarder", f"http://127.0.0.1:{fwd_port}", args, "", fwd.pid))
-        procs.stop(fwd)
 
-        databases = [("SQLite", f"sqlite:///{workdir / 'bench.db'}")]
-        if not args.skip_pg:
-            why = ensure_pg_database(args.pg_url)
-            databases += [("PostgreSQL", args.pg_url)] if why is None else []
-            notes += [f"PostgreSQL skipped: {why}"] if why else []
-        if args.skip_proxy:
-            notes.append("llm-proxy skipped (--skip-proxy)")
-        elif not (ROOT / "app.py").exists():
-            notes.append("llm-proxy skipped: no app.py in the repo yet")
-        else:
-            for label, url in databases:
-                try:
-                    results.append(run_proxy(label, url, upstream, args, procs))
-                except RuntimeError as exc:
-                    notes.append(f"llm-proxy ({label}) failed: {exc} (log: {workdir}/proxy-{label}.log)")
-    finally:
-        procs.stop_all()
-    meta = {
+def describe(args, settings: str) -> dict:
+    """The report's meta lines: when, where, and how every figure was taken."""
+    return {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} cores; " + ("forwarder/proxy on core 0, upstream + load on core 1"
                                                    if PINNING else "unpinned"),
         "gunicorn (forwarder and proxy)": settings,
-        "wrk": f"-t1, {args.duration} s per cell, 1 s warm-up at c16, POST of a small chat completion",
+        "wrk": f"-t1, {args.duration} s per cell, best of {args.rounds} interleaved rounds (every server up; a round "
+               f"runs each target at c{', c'.join(map(str, CONCURRENCIES))} in turn), after a 1 s warm-up at c16 "
+               "per target; POST of a small chat completion",
         "streams": f"{args.streams} at once, and {args.single_streams} one at a time; upstream "
-                   f"{args.chunks} chunks x {args.interval_ms:g} ms, include_usage",
+                   f"{args.chunks} chunks x {args.interval_ms:g} ms, include_usage; one target after the other, "
+                   "after the rounds",
         "model": f"{MODEL} (openai provider -> fake upstream)",
-        "logs": str(workdir),
+        "logs": str(args.workdir),
     }
-    text = report(results, meta)
+
+
+def run_all(args, notes: list[str]) -> tuple[list[dict], str]:
+    """Start every server, measure, stop them all (then unpin PostgreSQL); the results and gunicorn settings."""
+    procs = Processes(args.workdir)
+    with contextlib.ExitStack() as stack:  # holds PostgreSQL's pinning until every server is stopped
+        try:
+            upstream = start_upstream(args, procs)
+            fwd_env = {**os.environ, "OPENAI_BASE_URL": upstream.base + "/v1", "OPENAI_API_KEY": "sk-bench"}
+            settings = gunicorn_settings(args.workers, fwd_env)
+            targets = [upstream, start_forwarder(fwd_env, args, procs),
+                       *start_proxies(upstream.base + "/v1", args, procs, stack, notes)]
+            results = measure_all(targets, args, notes)
+        finally:
+            procs.stop_all()
+    return results, settings
+
+
+def main() -> int:
+    """Start everything, measure every target, print the report."""
+    args = parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds must be at least 1")
+    prepare(args)
+    notes: list[str] = []
+    started = time.monotonic()
+    results, settings = run_all(args, notes)
+    meta = describe(args, settings)
+    text = report(results, meta, args.rounds)
     profiles = [r["profile"] for r in results if r.get("profile")]
     if profiles:
         text += "\n\n## Profiles (py-spy --gil: where the worker holds the GIL)\n\n" + "\n\n".join(profiles)
