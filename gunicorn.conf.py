@@ -25,6 +25,10 @@ graceful_timeout = 30
 keepalive = 5
 # Behind nginx, trust X-Forwarded-* from the local proxy only.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn 25+ opens a control socket by default ($HOME/.gunicorn/gunicorn.ctl, one path for every
+# instance a user runs): an asyncio thread in the master, stopped and restarted around each worker
+# fork. Nothing here uses gunicornc, so the master stays single-threaded.
+control_socket_disable = True
 accesslog = None  # the app writes its own JSON access line per request
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")

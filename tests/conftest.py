@@ -10,7 +10,7 @@ import pytest
 
 import providers
 from providers import RetryPolicy
-from support import ADMIN_KEY, CLIENT_KEY, _provider_var
+from support import ADMIN_KEY, CLIENT_KEY, Gunicorn, _provider_var
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 DATABASES = ["sqlite"] + (["postgresql"] if TEST_DATABASE_URL else [])
@@ -26,6 +26,25 @@ def clean_env(monkeypatch):
     monkeypatch.chdir(os.environ.get("TMPDIR", "/tmp"))  # a stray .env or llm-proxy.db is never picked up
     for circuit in providers.CIRCUITS.values():
         circuit.__init__()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the log of every gunicorn it started (a server that stopped
+    answering says why there); the logs are removed once the next test begins."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in Gunicorn.STARTED:
+            report.sections.append((f"gunicorn {server.url or '(not listening)'} log", server.log()[-6000:]))
+
+
+@pytest.fixture(autouse=True)
+def _forget_gunicorn_logs():
+    for server in Gunicorn.STARTED:
+        server.log_path.unlink(missing_ok=True)
+    Gunicorn.STARTED.clear()
+    yield
 
 
 def _pg_schema_url(base: str, schema: str) -> str:

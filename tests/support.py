@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from functools import lru_cache
@@ -71,13 +72,6 @@ def validate(obj: dict, schema: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Ports and a fake upstream
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eventually(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02):
@@ -259,29 +253,42 @@ class FakeOpenAI:
 
 
 class Gunicorn:
-    """`gunicorn -c gunicorn.conf.py app:app` on a free port with the given environment."""
+    """`gunicorn -c gunicorn.conf.py app:app` with the given environment, on a port of its own.
+
+    By default gunicorn binds port 0 and the port is read back from its "Listening at" line: a port
+    picked beforehand and released could be taken by another socket before gunicorn binds it.
+    """
+
+    STARTED: list["Gunicorn"] = []  # every server of the running test, for its failure report
 
     def __init__(self, env: dict | None = None, workers: int = 1, threads: int = 32, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port or 0
+        self.url = ""
         self.env = {k: v for k, v in os.environ.items() if not _provider_var(k)}
-        self.env.update({"PORT": str(self.port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers),
+        self.env.update({"HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers),
                          "GUNICORN_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
         self.env.update({k: str(v) for k, v in (env or {}).items()})
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gunicorn-{self.port}.log"
+        fd, path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log", dir=os.environ.get("TMPDIR", "/tmp"))
+        os.close(fd)
+        self.log_path = Path(path)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Gunicorn":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                                      "--bind", f"127.0.0.1:{self.port}", "app:app"],
                                      cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        Gunicorn.STARTED.append(self)
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log()[-2000:]}")
+            if not self.url and (found := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log())):
+                self.port = int(found.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if self.url and requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
