@@ -217,7 +217,7 @@ class FakeOpenAI:
                     with fake.lock:
                         fake.disconnects += 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -250,6 +250,17 @@ class FakeOpenAI:
 
 # ---------------------------------------------------------------------------------------------
 # A real gunicorn
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A fake provider's server: a client that hangs up on an idle keep-alive connection (as a pooled
+    session does when it is closed) is no error worth a traceback in the test output."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class Gunicorn:
