@@ -77,9 +77,10 @@ def authenticate(headers, config, db, spending: bool = False) -> Caller:
         key_hash = hash_key(key)
         row = db.key_rows.get(key_hash) if spending else None
         if row is None:
+            generation = db.key_rows.generation
             row = db.find_live_key(key_hash)
             if row is not None and spending and (row["rpm_limit"] is not None or row["tpm_limit"] is not None):
-                db.key_rows.put(key_hash, row)
+                db.key_rows.put(key_hash, row, generation)
         if row is not None:
             return caller_from_row(row)
     raise AuthenticationError("Invalid API key.")

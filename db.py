@@ -154,11 +154,17 @@ class Tx:
 
 class KeyRows:
     """Rows of virtual keys, by key hash, as read within the last KEY_ROWS_TTL seconds (see auth.py for
-    which keys and endpoints may use them); admin edits in this process forget a key at once."""
+    which keys and endpoints may use them); admin edits in this process forget a key at once.
+
+    A row read before an edit must not be cached after it: read `generation` before reading the row
+    and pass it to put(), which drops the row if anything was forgotten in between.
+    """
 
     def __init__(self, ttl: float = KEY_ROWS_TTL):
         self.ttl = ttl
+        self.generation = 0
         self._rows: dict[str, tuple[float, dict]] = {}
+        self._lock = threading.Lock()
 
     def get(self, key_hash: str) -> dict | None:
         entry = self._rows.get(key_hash)
@@ -166,15 +172,20 @@ class KeyRows:
             return None
         return entry[1]
 
-    def put(self, key_hash: str, row: dict) -> None:
-        if len(self._rows) >= KEY_ROWS_MAX:
-            self._rows.clear()
-        self._rows[key_hash] = (time.monotonic(), row)
+    def put(self, key_hash: str, row: dict, generation: int) -> None:
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._rows) >= KEY_ROWS_MAX:
+                self._rows.clear()
+            self._rows[key_hash] = (time.monotonic(), row)
 
     def forget(self, key_id: str) -> None:
-        for key_hash, (_, row) in list(self._rows.items()):
-            if row["id"] == key_id:
-                self._rows.pop(key_hash, None)
+        with self._lock:
+            self.generation += 1
+            for key_hash, (_, row) in list(self._rows.items()):
+                if row["id"] == key_id:
+                    del self._rows[key_hash]
 
 
 class Database:

@@ -103,6 +103,23 @@ def test_limit_edits_apply_at_once_in_this_process(client):
     assert r.status_code == 429 and r.headers["x-ratelimit-limit-requests"] == "1"
 
 
+def test_an_edit_made_while_a_call_reads_the_key_is_not_undone_by_that_read(client, app, monkeypatch):
+    key_id, key = create_key(client, rpm_limit=100)
+    db = db_of(app)
+    real = db.find_live_key
+
+    def read_then_edit(key_hash):  # the row is read, then an admin lowers the limit before it is cached
+        row = real(key_hash)
+        monkeypatch.setattr(db, "find_live_key", real)
+        assert client.patch(f"/api/keys/{key_id}", json={"rpm_limit": 1}, headers=ADMIN).status_code == 200
+        return row
+
+    monkeypatch.setattr(db, "find_live_key", read_then_edit)
+    assert client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code == 200
+    r = client.post("/v1/chat/completions", json=chat(), headers=auth(key))  # the old row was not kept
+    assert r.status_code == 429 and r.headers["x-ratelimit-limit-requests"] == "1"
+
+
 def test_keys_without_rate_limits_are_read_every_time(app, client):
     key_id, key = create_key(client, max_budget=1.0)
     assert client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code == 200
