@@ -319,15 +319,20 @@ class Database:
         """PostgreSQL: VACUUM rate_events, which every limited call inserts into and its usage write
         deletes from. Its dead rows would otherwise pile up in the index admission reads until an
         autovacuum comes by (a minute at best; never where autovacuum is off). The usage writer calls
-        this every few seconds, off the critical path. A user that does not own the table gets only a
-        warning from PostgreSQL (the table is skipped); any error stops the attempts."""
+        this every few seconds, off the critical path. A user that may not vacuum the table gets a
+        warning from PostgreSQL and the table is skipped: then, as after any error, autovacuum has to
+        do, and this stops trying (no warning every few seconds in the server's log)."""
         if not self.is_pg or self._vacuum_refused:
             return
         try:
-            self.execute("VACUUM rate_events")
+            with self._connection() as conn, closing(conn.cursor()) as cur:
+                del conn.notices[:]
+                cur.execute("VACUUM rate_events")
+                if conn.notices:  # a plain VACUUM says nothing unless it skipped the table
+                    self._vacuum_refused = True
         except ServiceUnavailable:
             pass
-        except psycopg2.Error:  # e.g. not the table's owner: autovacuum has to do
+        except psycopg2.Error:
             self._vacuum_refused = True
 
     # -- schema ---------------------------------------------------------------------------------

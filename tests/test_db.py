@@ -109,6 +109,35 @@ def test_the_churning_rate_events_table_is_vacuumed_on_postgresql(db):
         assert db.query_one(count)["vacuum_count"] >= 1 and not db._vacuum_refused
 
 
+def test_a_user_that_may_not_vacuum_stops_trying(database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("VACUUM is PostgreSQL's")
+    owner = Database(database_url)
+    owner.init_schema()
+    owner.execute("DROP ROLE IF EXISTS llm_proxy_tenant")
+    owner.execute("CREATE ROLE llm_proxy_tenant")
+    try:
+        owner.execute("GRANT USAGE ON SCHEMA " + owner.query_one("SELECT current_schema() AS s")["s"]
+                      + " TO llm_proxy_tenant")
+        tenant = Database(database_url + "%20-crole%3Dllm_proxy_tenant")
+        vacuums = []
+        real = tenant._connection
+
+        def counted():
+            vacuums.append(1)
+            return real()
+
+        tenant._connection = counted
+        tenant.vacuum_churn()  # skipped with a warning: not the table's owner
+        tenant.vacuum_churn()
+        assert tenant._vacuum_refused and len(vacuums) == 1
+        tenant.close()
+    finally:
+        owner.execute("DROP OWNED BY llm_proxy_tenant")
+        owner.execute("DROP ROLE llm_proxy_tenant")
+        owner.close()
+
+
 def test_a_prepared_statement_the_server_forgot_is_prepared_again(db):
     if not db.is_pg:
         pytest.skip("prepared statements are PostgreSQL's")
