@@ -13,7 +13,9 @@ is written within about a millisecond of its answer. Nothing is dropped on purpo
   unwritten cost and tokens (`unwritten`) to what the database says, so its budget and token limits
   count every call this process has made; other processes' rows are at most a few milliseconds
   behind, as calls still in flight are;
-- `close()` (at interpreter exit: a gunicorn worker stopping gracefully) writes the rest.
+- `close()` (at interpreter exit: a gunicorn worker stopping gracefully) writes the rest;
+- a database slower than the calls for long makes callers wait in `submit()` once MAX_QUEUE rows
+  are queued (up to FULL_WAIT seconds each), so the queue's memory stays bounded in practice.
 
 What a hard kill of the process (SIGKILL, out of memory) can lose is the rows of the last few
 milliseconds — the same window in which it would lose a call still waiting for its provider.
@@ -34,6 +36,8 @@ MAX_BATCH = 500       # rows per transaction
 IDLE_EXIT = 30.0      # seconds without work before the writer thread ends (submit starts a new one)
 RETRY_FOR = 60.0      # seconds a failing batch is retried before its rows are logged instead
 FLUSH_TIMEOUT = 5.0   # seconds a reader waits for the queue before reading anyway
+MAX_QUEUE = 20_000    # rows queued before submit() makes its caller wait (a database slower than arrivals)
+FULL_WAIT = 5.0       # seconds submit() waits for room before queueing anyway
 VACUUM_EVERY = 10.0   # seconds between db.vacuum_churn() calls while rows are being written
 
 _WRITERS: weakref.WeakSet = weakref.WeakSet()
@@ -60,6 +64,11 @@ class UsageWriter:
         if not rows:
             return
         with self._cond:
+            if len(self._queue) >= MAX_QUEUE and self._thread is not None:
+                # Back-pressure: the database writes slower than calls arrive. The caller waits for
+                # room (its answer is delayed, the queue's memory stays bounded), though not forever:
+                # rows are never dropped.
+                self._cond.wait_for(lambda: len(self._queue) < MAX_QUEUE or self._closed, FULL_WAIT)
             if not self._closed:
                 self._queue.extend(rows)
                 self._submitted += len(rows)

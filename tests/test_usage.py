@@ -45,6 +45,28 @@ def test_a_burst_of_calls_shares_commits_and_every_row_and_cost_lands(app, clien
     assert len(rows) == 20 and spend == sum(r["cost_nusd"] for r in rows) > 0
 
 
+def test_a_full_queue_makes_callers_wait_for_the_writer(app, client, monkeypatch):
+    key_id, key = create_key(client)
+    db = db_of(app)
+    monkeypatch.setattr(usage, "MAX_QUEUE", 2)
+    writing, gate, real = threading.Event(), threading.Event(), db.record_usage
+    monkeypatch.setattr(db, "record_usage", lambda rows: (writing.set(), gate.wait(5), real(rows)))
+    assert client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code == 200
+    assert writing.wait(5)  # the writer holds the first row
+    for _ in range(2):  # two more queued: the queue is full
+        assert client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code == 200
+    answered = []
+    caller = threading.Thread(target=lambda: answered.append(
+        client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code))
+    caller.start()
+    caller.join(0.5)
+    assert answered == []  # waits for room in the queue
+    gate.set()
+    caller.join(5)
+    assert answered == [200] and writer_of(app).flush()
+    assert db.query_one("SELECT COUNT(*) AS n FROM usage WHERE key_id = ?", (key_id,))["n"] == 4
+
+
 def test_reads_of_usage_and_spend_see_the_callers_own_calls(app, client, monkeypatch):
     price_echo(client, 1.0, 1.0)
     key_id, key = create_key(client)
