@@ -17,6 +17,7 @@ import time
 import uuid
 from datetime import datetime
 from typing import Iterable, Iterator
+from urllib.parse import quote
 
 from adapters import (
     Adapter,
@@ -375,7 +376,8 @@ class GeminiAdapter(Adapter):
         if config := self.generation_config(body):
             out["generationConfig"] = config
         method = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        url = f"{self.api_root(endpoint)}/models/{model.removeprefix('models/')}:{method}"
+        # The model is one path segment: a client's "gemini/x/../cachedContents#" must not address another endpoint.
+        url = f"{self.api_root(endpoint)}/models/{quote(model.removeprefix('models/'), safe='')}:{method}"
         return url, {"x-goog-api-key": endpoint.key or "", "Content-Type": "application/json"}, out
 
     def api_root(self, endpoint: Endpoint) -> str:
@@ -603,7 +605,8 @@ class AzureAdapter(OpenAIAdapter):
         """The OpenAI request, addressed to deployment `model`."""
         _, _, payload = super().build_request(body, model, endpoint, stream)
         version = endpoint.api_version or AZURE_DEFAULT_API_VERSION
-        url = f"{self.resource_url(endpoint)}/openai/deployments/{model}/chat/completions?api-version={version}"
+        deployment = quote(model, safe="")  # one path segment, whatever the client sent
+        url = f"{self.resource_url(endpoint)}/openai/deployments/{deployment}/chat/completions?api-version={version}"
         return url, {"api-key": endpoint.key or "", "Content-Type": "application/json"}, payload
 
     def models_request(self, endpoint: Endpoint):

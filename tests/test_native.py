@@ -419,6 +419,16 @@ def test_gemini_request_urls_and_key_header():
     assert gemini_request(chat(), endpoint=v1)[0].endswith("/v1/models/gemini-2.0-flash:generateContent")
 
 
+@pytest.mark.parametrize("model", ["x/../../cachedContents#", "x?alt=json&", "x:countTokens#"])
+def test_a_client_chosen_model_name_stays_one_path_segment(model):
+    gemini = GEMINI.build_request(chat(), model, GEMINI_ENDPOINT, False)[0]
+    assert gemini.startswith("https://generativelanguage.googleapis.com/v1beta/models/x%")
+    assert gemini.endswith(":generateContent") and gemini.count("/") == 5 and "#" not in gemini
+    azure = AZURE.build_request(chat(), model, Endpoint("https://myres.openai.azure.com", "k"), False)[0]
+    assert azure.startswith("https://myres.openai.azure.com/openai/deployments/x%")
+    assert azure.endswith("/chat/completions?api-version=2024-10-21") and azure.count("/") == 7
+
+
 def test_gemini_request_roles_system_and_generation_config():
     body = {"model": "g", "messages": [
         {"role": "system", "content": "You are a cat."}, {"role": "user", "content": "Hello"},
