@@ -503,7 +503,7 @@ def send(targets: list[Target], body: dict, stream: bool, policy: RetryPolicy, r
     last: UpstreamError | None = None
     for index, target in enumerate(targets):
         provider = target.route.provider
-        circuit = CIRCUITS[provider]
+        circuit = CIRCUITS.get(provider) or CIRCUITS.setdefault(provider, Circuit())  # /execute's may be forgotten
         for retry in range(policy.max_retries + 1):
             if not circuit.allow():  # no upstream call is made, so no failure row either
                 last = UpstreamError(f"{provider} is unavailable (circuit open)")

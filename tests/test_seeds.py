@@ -133,6 +133,27 @@ def test_execute_to_a_provider_host_is_costed_as_that_provider(make_app, monkeyp
         assert upstream.calls[0].request.headers["Authorization"] == "Bearer sk-user"
 
 
+def test_execute_keeps_a_bounded_number_of_breakers_and_the_open_ones(make_app, monkeypatch):
+    import providers
+    import seeds
+    fake_dns(monkeypatch, PUBLIC_IP)
+    monkeypatch.setattr(seeds, "MAX_EXECUTE_CIRCUITS", 3)
+    monkeypatch.setattr(providers, "CIRCUITS", dict(providers.CIRCUITS))
+    monkeypatch.setattr(seeds, "CIRCUITS", providers.CIRCUITS)
+    client = make_app(execute_allowed_hosts=("*",)).test_client()
+    hosts = [f"h{i}.example.com" for i in range(6)]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
+        upstream.post("https://h0.example.com/v1/chat/completions", status=500, json={"error": {"message": "down"}})
+        for host in hosts[1:]:
+            upstream.post(f"https://{host}/v1/chat/completions", json=completion_body())
+        for host in hosts[:1] * 3 + hosts[1:]:
+            client.post("/execute", json={"model": "m", "messages": MESSAGES}, headers={
+                **auth(), "x-llm-endpoint": f"https://{host}/v1/chat/completions", "x-llm-apikey": "k"})
+    own = {name: c.state for name, c in providers.CIRCUITS.items() if name.startswith("execute:")}
+    assert len(own) <= 3 and own["execute:h0.example.com"] == "open"  # the dead host is still refused
+    assert "execute:h5.example.com" in own and all(name in providers.CIRCUITS for name in providers.PROVIDERS)
+
+
 # -- /api/query and /api/status ---------------------------------------------------------------------
 
 def test_query_routes_by_task_type_and_fails_over(proxy, openai_fake, mistral_fake):
