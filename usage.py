@@ -2,8 +2,9 @@
 
 A handler hands its rows to `UsageWriter.submit` and answers at once; one thread per process writes
 whatever has queued up in one transaction (db.record_usage: the rows, each key's spend, its token
-counters, settling the prompt estimates). Under load many calls share a commit; at rest a call's row
-is written within about a millisecond of its answer. Nothing is dropped on purpose:
+counters, settling the prompt estimates). The writer lets rows gather for LINGER (20 ms) before each
+batch, so even at a few calls a second many calls share a commit; a call's row is written about
+20 ms after its answer, at once when a reader is waiting for it. Nothing is dropped on purpose:
 
 - a failed write is retried with backoff (the rows stay queued) for RETRY_FOR seconds, then the rows
   go to the log as `usage_not_recorded` events, to be reconciled (and, until a write succeeds again,
@@ -11,14 +12,14 @@ is written within about a millisecond of its answer. Nothing is dropped on purpo
 - `flush()` waits until everything submitted so far is written (readers of usage and spend in this
   process call it first, so they see their own calls; tests use it too), and admission adds a key's
   unwritten cost and tokens (`unwritten`) to what the database says, so its budget and token limits
-  count every call this process has made; other processes' rows are at most a few milliseconds
+  count every call this process has made; other processes' rows are a few tens of milliseconds
   behind, as calls still in flight are;
 - `close()` (at interpreter exit: a gunicorn worker stopping gracefully) writes the rest;
 - a database slower than the calls for long makes callers wait in `submit()` once MAX_QUEUE rows
   are queued (up to FULL_WAIT seconds each), so the queue's memory stays bounded in practice.
 
-What a hard kill of the process (SIGKILL, out of memory) can lose is the rows of the last few
-milliseconds — the same window in which it would lose a call still waiting for its provider.
+What a hard kill of the process (SIGKILL, out of memory) can lose is the rows of the last few tens of
+milliseconds — as it would lose the calls still waiting for their provider.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ FLUSH_TIMEOUT = 5.0   # seconds a reader waits for the queue before reading anyw
 MAX_QUEUE = 20_000    # rows queued before submit() makes its caller wait (a database slower than arrivals)
 FULL_WAIT = 5.0       # seconds submit() waits for room before queueing anyway
 VACUUM_EVERY = 10.0   # seconds between db.vacuum_churn() calls while rows are being written
+LINGER = 0.02         # seconds the writer lets rows gather before a batch (unless someone is waiting)
 
 _WRITERS: weakref.WeakSet = weakref.WeakSet()
 
@@ -56,6 +58,7 @@ class UsageWriter:
         self._closed = False
         self._write_lock = threading.Lock()  # one batch at a time: the thread, or close() at exit
         self._failing = False  # the last batch gave up: later ones are tried once until a write succeeds
+        self._flushers = 0     # threads waiting in flush(): the writer does not linger for them
         self._unwritten: dict[str, list[int]] = {}  # per virtual key: [rows, cost_nusd, tokens] queued
         _WRITERS.add(self)
 
@@ -76,7 +79,7 @@ class UsageWriter:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
                     self._thread.start()
-                self._cond.notify()
+                self._cond.notify_all()
                 return
         self._write(rows)  # after close(): nobody is left to write it later
 
@@ -90,11 +93,16 @@ class UsageWriter:
         deadline = time.monotonic() + timeout
         with self._cond:
             target = self._submitted
-            while self._done < target:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
+            self._flushers += 1
+            self._cond.notify_all()
+            try:
+                while self._done < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+            finally:
+                self._flushers -= 1
         return True
 
     def close(self, timeout: float = 30.0) -> None:
@@ -130,6 +138,9 @@ class UsageWriter:
                         self._thread = None
                         return
                     self._cond.wait(1.0)
+                # Let the calls of the next few milliseconds join this batch: one commit for many
+                # rows costs the worker far less CPU than one each, even at a few calls a second.
+                self._cond.wait_for(self._no_lingering, LINGER)
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             self._write(batch)
             with self._cond:
@@ -140,6 +151,10 @@ class UsageWriter:
             if idle_since - vacuumed > VACUUM_EVERY:
                 self.db.vacuum_churn()
                 vacuumed = time.monotonic()
+
+    def _no_lingering(self) -> bool:
+        """A full batch, a reader waiting in flush(), or closing: write now (under self._cond)."""
+        return len(self._queue) >= MAX_BATCH or self._flushers > 0 or self._closed
 
     def _count(self, rows: list[dict], sign: int) -> None:
         """Keep each key's queued rows, cost and tokens (under self._cond)."""

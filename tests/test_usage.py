@@ -45,6 +45,19 @@ def test_a_burst_of_calls_shares_commits_and_every_row_and_cost_lands(app, clien
     assert len(rows) == 20 and spend == sum(r["cost_nusd"] for r in rows) > 0
 
 
+def test_calls_a_moment_apart_share_a_commit_and_a_reader_does_not_wait_for_the_linger(app, client, monkeypatch):
+    key_id, key = create_key(client)
+    db = db_of(app)
+    monkeypatch.setattr(usage, "LINGER", 30.0)  # far longer than the test: only a reader ends it
+    batches, real = [], db.record_usage
+    monkeypatch.setattr(db, "record_usage", lambda rows: (batches.append(len(rows)), real(rows)))
+    for _ in range(5):
+        assert client.post("/v1/chat/completions", json=chat(), headers=auth(key)).status_code == 200
+    assert batches == []  # still gathering
+    me = client.get("/api/me", headers=auth(key)).get_json()  # a reader: written now, in one batch
+    assert me["usage"]["requests"] == 5 and batches == [5]
+
+
 def test_a_full_queue_makes_callers_wait_for_the_writer(app, client, monkeypatch):
     key_id, key = create_key(client)
     db = db_of(app)
