@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -243,21 +244,65 @@ def soak(name: str, url: str, master_pid: int, key: str, limit_s: int = 600) -> 
             "growth_pct": round(growth, 1), "seconds": round(time.monotonic() - started)}
 
 
-def profile(name: str, url: str, master_pid: int, args, key: str, workdir: Path) -> str:
-    """Record the first worker with py-spy (GIL-holding samples) during an extra wrk -c16 run; summarise."""
-    out = workdir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.folded"
+def profile(name: str, master_pid: int, args, workdir: Path, what: str, load, seconds: float) -> str:
+    """Record the first worker with py-spy (GIL-holding samples) for `seconds` while load() runs; summarise."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name} {what}").strip("-")
+    out = workdir / f"profile-{slug}.folded"
     spy = pinned([args.py_spy, "record", "--gil", "--nonblocking", "-r", "200", "-f", "raw", "-d",
-                  str(max(1, args.duration - 1)), "-o", str(out), "-p", str(children(master_pid)[0])], LOAD_CORE)
-    log(f"{name}: py-spy during an extra wrk -c16 -d{args.duration}s")
+                  str(max(1, round(seconds))), "-o", str(out), "-p", str(children(master_pid)[0])], LOAD_CORE)
+    log(f"{name}: py-spy during {what}")
     recorder = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wrk(url, 16, args.duration, key)
+    time.sleep(0.3)  # py-spy attaches before the load starts
+    load()
     try:
         recorder.wait(30)
     except subprocess.TimeoutExpired:
         recorder.kill()
     if not out.exists():
         return f"{name}: py-spy wrote nothing (ptrace not permitted?)"
-    return f"### {name} (wrk -c16; {out})\n" + profile_summary.report(str(out), 20)
+    return f"### {name}, {what} ({out})\n" + profile_summary.report(str(out), 20)
+
+
+class CpuSampler:
+    """The CPU time a process has used, sampled every 10 ms in a thread while entered.
+
+    busy(start, seconds) is the share of one core the process used over that stretch: 100% means it
+    was on CPU the whole time, i.e. it could not have done its work any sooner on that core.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid: int):
+        self.pid, self.samples, self._stop = pid, [], threading.Event()
+
+    def _cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                self.samples.append((time.time(), self._cpu_seconds()))
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def used(self, start: float, end: float) -> float:
+        """CPU seconds used between two wall-clock times (nearest samples)."""
+        def at(t: float) -> float:
+            return min(self.samples, key=lambda sample: abs(sample[0] - t))[1]
+        return at(end) - at(start) if self.samples else 0.0
+
+    def busy(self, start: float, seconds: float) -> float:
+        """Percent of one core used in the `seconds` after `start` (wall clock)."""
+        return self.used(start, start + seconds) / seconds * 100 if seconds > 0 else 0.0
 
 
 @dataclass
@@ -316,11 +361,24 @@ def measure_details(target: Target, args) -> dict:
     log(f"{target.name}: {args.single_streams} streams one at a time")
     result = {"stream1": streams(target.url, 1, args.single_streams, target.key)}
     log(f"{target.name}: {args.streams} concurrent streams")
-    result["streamN"] = streams(target.url, args.streams, args.streams, target.key)
-    if target.master:
+    if not target.master:
+        result["streamN"] = streams(target.url, args.streams, args.streams, target.key)
+    else:
+        with CpuSampler(children(target.master)[0]) as cpu:
+            result["streamN"] = streams(target.url, args.streams, args.streams, target.key)
+        run = result["streamN"]
+        ttft, start = (run["ttft_p99_ms"] or 0) / 1000, run["started_at"]
+        result["burst_cpu"] = {"busy_pct_until_ttft_p99": round(cpu.busy(start, ttft)),
+                               "cpu_ms_per_stream": round(cpu.used(start, start + run["wall_s"])
+                                                          / args.streams * 1000, 2)}
         result["rss_mib"] = worker_peak_rss(target.master)
         if args.py_spy:
-            result["profile"] = profile(target.name, target.url, target.master, args, target.key, args.workdir)
+            burst = args.interval_ms * (args.chunks + 1) / 1000 + 1.5
+            result["profile"] = "\n\n".join([
+                profile(target.name, target.master, args, args.workdir, f"wrk -c16 -d{args.duration}s",
+                        lambda: wrk(target.url, 16, args.duration, target.key), args.duration - 1),
+                profile(target.name, target.master, args, args.workdir, f"a burst of {args.streams} streams",
+                        lambda: streams(target.url, args.streams, args.streams, target.key), burst)])
     if target.is_proxy:
         result.update(proxy_details(target, args))
     return result
@@ -531,21 +589,27 @@ def streams_table(results: list[dict], streams_n: str) -> list[str]:
     """The streaming table: TTFT at 1 and at N, failures, workers' peak RSS."""
     lines = ["## Streams (time to first chunk, ms; N concurrent streams)", "",
              "| target | TTFT p50 @1 | TTFT p99 @1 | TTFT p50 @N | TTFT p99 @N | added p99 @N | total p50 @N "
-             "| failures @N | failures @1 | peak RSS/worker MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| failures @N | failures @1 | peak RSS/worker MiB | worker CPU until TTFT p99 @N "
+             "| CPU ms/stream @N |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     floor = results[0].get("streamN", {}).get("ttft_p99_ms")
     for res in results:
         if "stream1" not in res or "streamN" not in res:
             continue
-        one, many = res["stream1"], res["streamN"]
+        one, many, burst = res["stream1"], res["streamN"], res.get("burst_cpu", {})
         added = many["ttft_p99_ms"] - floor if res is not results[0] and None not in (many["ttft_p99_ms"], floor) \
             else None
         fails = f"{many['failures']} {many['errors'] or ''}".strip()
         lines.append(f"| {res['name']} | {cell(one['ttft_p50_ms'])} | {cell(one['ttft_p99_ms'])} "
                      f"| {cell(many['ttft_p50_ms'])} | {cell(many['ttft_p99_ms'])} | {cell(added)} "
                      f"| {cell(many['total_p50_ms'])} | {fails} | {one['failures']} "
-                     f"| {', '.join(map(str, res.get('rss_mib', []))) or '-'} |")
-    return lines + ["", f"N = {streams_n} concurrent streams; times in ms."]
+                     f"| {', '.join(map(str, res.get('rss_mib', []))) or '-'} "
+                     f"| {cell(burst.get('busy_pct_until_ttft_p99'))}{'%' if burst else ''} "
+                     f"| {cell(burst.get('cpu_ms_per_stream'), 2)} |")
+    return lines + ["", f"N = {streams_n} concurrent streams; times in ms. Worker CPU until TTFT p99: the "
+                    "share of its core the worker used from the burst's start until its p99 first chunk "
+                    "(100% = it could not have answered sooner on that core); CPU ms/stream: the worker's "
+                    "CPU over the whole burst (starts and every chunk relayed) per stream."]
 
 
 def c64_ratio(res: dict, bare: dict | None) -> str:

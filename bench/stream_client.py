@@ -123,7 +123,7 @@ async def run(url: str, concurrency: int, total: int, key: str = "", model: str 
         for _ in todo:
             results.append(await guarded(host, port, raw, timeout))
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
     ok = [r for r in results if "error" not in r]
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -135,6 +135,7 @@ async def run(url: str, concurrency: int, total: int, key: str = "", model: str 
         "total_p50_ms": ms(percentile(totals, 50)), "total_p99_ms": ms(percentile(totals, 99)),
         "chunks_per_stream": ok[0]["chunks"] if ok else 0,
         "wall_s": round(time.perf_counter() - started, 2),
+        "started_at": started_at,  # wall clock, for matching other processes' samples to the run
     }
 
 
