@@ -41,6 +41,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def _forget_gunicorn_logs():
+    """The previous test's gunicorn logs are no longer needed."""
     for server in Gunicorn.STARTED:
         server.log_path.unlink(missing_ok=True)
     Gunicorn.STARTED.clear()

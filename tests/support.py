@@ -256,8 +256,6 @@ class QuietServer(ThreadingHTTPServer):
     """A fake provider's server: a client that hangs up on an idle keep-alive connection (as a pooled
     session does when it is closed) is no error worth a traceback in the test output."""
 
-    daemon_threads = True
-
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
             super().handle_error(request, client_address)
