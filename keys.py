@@ -611,7 +611,7 @@ def attach_rate_headers(response):
 @bp.before_request
 def see_own_usage() -> None:
     """Reads of spend and usage first wait for this process's queued usage rows (usage.py), so a
-    caller sees its own calls; other workers' rows are at most a few milliseconds behind."""
+    caller sees its own calls; other workers' rows are a few tens of milliseconds behind."""
     if request.method == "GET":
         state().db.usage.flush()
 

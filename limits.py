@@ -98,8 +98,8 @@ PRUNE_CLOCK = PruneClock()
 def admit(db, caller: Caller | None, body: dict, request_id: str) -> dict[str, str]:
     """Admit one chat request for this caller or raise 402/429; returns the x-ratelimit-* headers.
 
-    The key's calls whose usage rows this process has not written yet (usage.py: a millisecond or two
-    after each answer) are counted too, at their real cost and tokens on top of what the database says
+    The key's calls whose usage rows this process has not written yet (usage.py: some 20 ms after
+    each answer) are counted too, at their real cost and tokens on top of what the database says
     (their prompt estimates may then count twice: refusing is checked again, exactly, after writing them).
     """
     if caller is None or caller.key_id is None:
