@@ -271,6 +271,21 @@ class Circuit:
 
 
 CIRCUITS: dict[str, Circuit] = {name: Circuit() for name in PROVIDERS}
+MAX_HOST_CIRCUITS = 1000  # breakers kept for /execute's own hosts (EXECUTE_ALLOWED_HOSTS=* allows any)
+
+
+def circuit_for(name: str) -> Circuit:
+    """The breaker of a provider, or of an /execute host (made on first use). Past MAX_HOST_CIRCUITS
+    hosts, the closed ones are forgotten first (they hold nothing a fresh breaker lacks), so
+    client-chosen hosts cannot grow the map without bound; open ones stay open."""
+    circuit = CIRCUITS.get(name)
+    if circuit is None:
+        if len(CIRCUITS) >= len(PROVIDERS) + MAX_HOST_CIRCUITS:
+            for other, breaker in list(CIRCUITS.items()):
+                if other not in PROVIDERS and breaker.state == "closed":
+                    CIRCUITS.pop(other, None)
+        circuit = CIRCUITS.setdefault(name, Circuit())
+    return circuit
 
 
 @dataclass
@@ -503,7 +518,7 @@ def send(targets: list[Target], body: dict, stream: bool, policy: RetryPolicy, r
     last: UpstreamError | None = None
     for index, target in enumerate(targets):
         provider = target.route.provider
-        circuit = CIRCUITS.get(provider) or CIRCUITS.setdefault(provider, Circuit())  # /execute's may be forgotten
+        circuit = circuit_for(provider)
         for retry in range(policy.max_retries + 1):
             if not circuit.allow():  # no upstream call is made, so no failure row either
                 last = UpstreamError(f"{provider} is unavailable (circuit open)")

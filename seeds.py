@@ -28,7 +28,7 @@ from errors import (
     UpstreamError,
     ValidationError,
 )
-from providers import CIRCUITS, PROVIDERS, Circuit, Route, Target, list_provider_models
+from providers import CIRCUITS, PROVIDERS, Route, Target, list_provider_models
 from urlguard import EndpointNotAllowed, check_public, host_and_port
 from validate import validate_chat
 
@@ -98,31 +98,13 @@ def check_endpoint(url: str, config) -> str:
     return host
 
 
-MAX_EXECUTE_CIRCUITS = 1000  # breakers kept for /execute's own hosts (EXECUTE_ALLOWED_HOSTS=* allows any)
-
-
-def execute_circuit(label: str) -> None:
-    """Make sure `label` has a breaker. Past MAX_EXECUTE_CIRCUITS hosts of /execute's own, the closed
-    ones are forgotten first (they hold nothing a fresh breaker lacks), so client-chosen hosts cannot
-    grow the map without bound; open ones stay open."""
-    if label in CIRCUITS:
-        return
-    own = [name for name in list(CIRCUITS) if name.startswith("execute:")]
-    if len(own) >= MAX_EXECUTE_CIRCUITS:
-        for name in own:
-            circuit = CIRCUITS.get(name)
-            if circuit is not None and circuit.state == "closed":
-                CIRCUITS.pop(name, None)
-    CIRCUITS.setdefault(label, Circuit())
-
-
 def execute_target(url: str, key: str, model: str) -> Target:
     """A Target for the client's endpoint: a known provider's host is costed and circuit-broken as that
-    provider; any other host gets its own breaker, so one dead endpoint never opens a provider's circuit."""
+    provider; any other host gets its own breaker (providers.circuit_for), so one dead endpoint never
+    opens a provider's circuit."""
     host = urlsplit(url).hostname.lower()
     label = next((name for name, a in PROVIDERS.items()
                   if a.default_base_url and urlsplit(a.default_base_url).hostname == host), f"execute:{host}")
-    execute_circuit(label)
     route = ExecuteRoute(model, label, model, exact_adapter=ExactURLAdapter(label))
     for row in state().gateway.catalog()[0].values():
         if row["provider"] == label and row["upstream_model"] == model:

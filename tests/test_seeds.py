@@ -135,11 +135,9 @@ def test_execute_to_a_provider_host_is_costed_as_that_provider(make_app, monkeyp
 
 def test_execute_keeps_a_bounded_number_of_breakers_and_the_open_ones(make_app, monkeypatch):
     import providers
-    import seeds
     fake_dns(monkeypatch, PUBLIC_IP)
-    monkeypatch.setattr(seeds, "MAX_EXECUTE_CIRCUITS", 3)
-    monkeypatch.setattr(providers, "CIRCUITS", dict(providers.CIRCUITS))
-    monkeypatch.setattr(seeds, "CIRCUITS", providers.CIRCUITS)
+    monkeypatch.setattr(providers, "MAX_HOST_CIRCUITS", 3)
+    monkeypatch.setattr(providers, "CIRCUITS", {name: providers.Circuit() for name in providers.PROVIDERS})
     client = make_app(execute_allowed_hosts=("*",)).test_client()
     hosts = [f"h{i}.example.com" for i in range(6)]
     with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
