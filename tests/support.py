@@ -78,7 +78,7 @@ def eventually(check: Callable[[], object], timeout: float = 5.0, interval: floa
     """Poll check() until it returns something truthy (and return it), or fail after timeout seconds.
 
     For reads of another process's writes: a gunicorn worker writes usage rows just after the answer
-    (usage.py), so a test reading the database directly may be a few milliseconds early.
+    (usage.py), so a test reading the database directly may be a few tens of milliseconds early.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -264,14 +264,14 @@ class QuietServer(ThreadingHTTPServer):
 class Gunicorn:
     """`gunicorn -c gunicorn.conf.py app:app` with the given environment, on a port of its own.
 
-    By default gunicorn binds port 0 and the port is read back from its "Listening at" line: a port
+    gunicorn binds port 0 and the port is read back from its "Listening at" line: a port
     picked beforehand and released could be taken by another socket before gunicorn binds it.
     """
 
     STARTED: list["Gunicorn"] = []  # every server of the running test, for its failure report
 
-    def __init__(self, env: dict | None = None, workers: int = 1, threads: int = 32, port: int | None = None):
-        self.port = port or 0
+    def __init__(self, env: dict | None = None, workers: int = 1, threads: int = 32):
+        self.port = 0
         self.url = ""
         self.env = {k: v for k, v in os.environ.items() if not _provider_var(k)}
         self.env.update({"HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers),
@@ -285,7 +285,7 @@ class Gunicorn:
     def start(self) -> "Gunicorn":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                                      "--bind", f"127.0.0.1:{self.port}", "app:app"],
+                                      "--bind", "127.0.0.1:0", "app:app"],
                                      cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         Gunicorn.STARTED.append(self)
